@@ -1,0 +1,1491 @@
+#!/usr/bin/env python3
+# /// script
+# requires-python = ">=3.10"
+# dependencies = [
+#     "freesound-api==1.1.0.2",
+#     "oauthlib==3.3.1",
+#     "requests==2.32.5",
+#     "requests-oauthlib==2.0.0",
+#     "tqdm==4.67.1",
+# ]
+# ///
+"""Download original sounds from Freesound.org, politely, resumably, with credits.
+
+Finds sounds by a text query and Solr filter, or by a list of IDs/URLs, logs in
+with OAuth2 (originals need it), downloads each original under a start-to-start
+throttle and a rolling daily cap, verifies size and md5, and keeps metadata.json
+and ATTRIBUTION.txt beside the audio. Re-run it (e.g. daily from cron) and it
+carries on where it stopped, never downloading a sound twice.
+
+Examples:
+    download_freesound_library.py -q "rain" -f 'license:"Creative Commons 0" duration:[1 TO 30]'
+    download_freesound_library.py --ids-file my_ids.txt --max 100
+
+Exit codes:
+    0    everything selected is present (or --max reached, or --dry-run / --login done)
+    1    some sounds failed or do not exist (the rest were downloaded)
+    2    usage or input error (bad flag, bad ID line, unreadable metadata.json, ...)
+    3    authentication or credential problem
+    4    stopped at a daily limit with sounds left: re-run after the time shown
+    130  interrupted (Ctrl-C); 143 terminated (SIGTERM)
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import dataclasses
+import datetime as dt
+import enum
+import hashlib
+import ipaddress
+import json
+import math
+import os
+import random
+import re
+import secrets
+import signal
+import sys
+import tempfile
+import time
+import unicodedata
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from urllib.parse import parse_qs, urlencode, urlsplit
+
+import freesound
+import requests
+
+__version__ = "0.1.0"
+PROG = "download_freesound_library.py"
+
+###############################################################################
+# Constants ###################################################################
+###############################################################################
+
+DEFAULT_API_BASE = "https://freesound.org/apiv2"
+SITE_SOUND_URL = "https://freesound.org/s/{sound_id}/"
+ENV_CLIENT_ID = "FREESOUND_CLIENT_ID"
+ENV_CLIENT_SECRET = "FREESOUND_CLIENT_SECRET"
+ENV_API_URL = "FREESOUND_API_URL"
+ENV_STATE_DIR = "FREESOUND_STATE_DIR"
+CREDENTIALS_PAGE = "https://freesound.org/apiv2/apply/"
+
+DEFAULT_RATE_PER_MIN = 29
+DEFAULT_DAILY_CAP = 500
+DEFAULT_API_RATE_PER_MIN = 60  # the server's own per-credential limits (level 1)
+DEFAULT_API_DAILY_CAP = 2000
+MINUTE_S = 60.0
+DAY_S = 86400.0
+
+SORT_KEYS = (
+    "score", "duration_desc", "duration_asc", "created_desc", "created_asc",
+    "downloads_desc", "downloads_asc", "rating_desc", "rating_asc",
+)
+PAGE_SIZE = 150  # the API's maximum; larger values are silently clamped
+# Everything metadata.json and the file name need, asked for in the same call.
+SEARCH_FIELDS = (
+    "id,name,username,license,duration,samplerate,bitdepth,channels,type,"
+    "filesize,md5,tags,description,pack_name,created"
+)
+API_OWNED_KEYS = tuple(SEARCH_FIELDS.split(","))
+
+CHUNK_SIZE_BYTES = 256 * 1024
+CONNECT_TIMEOUT_S = 10.0
+READ_TIMEOUT_S = 60.0
+DEFAULT_RETRIES = 4
+DEFAULT_BACKOFF_S = 1.0
+BACKOFF_MAX_S = 60.0
+RETRY_AFTER_MAX_S = 300.0
+RETRY_STATUSES = frozenset({500, 502, 503, 504})
+TOKEN_EXPIRY_MARGIN_S = 60.0
+# A whole name has to fit in 255 bytes *with* the ".part" suffix while downloading.
+PART_SUFFIX = ".part"
+MAX_NAME_BYTES = 255 - len(PART_SUFFIX)
+KNOWN_TYPES = frozenset({"wav", "ogg", "aiff", "mp3", "flac", "m4a", "wv"})
+LEDGER_COMPACT_ROWS = 20000
+USER_AGENT = f"freesound-library-downloader/{__version__}"
+
+###############################################################################
+# Exit codes and errors #######################################################
+###############################################################################
+
+
+class ExitCode(enum.IntEnum):
+    SUCCESS = 0
+    SOME_FAILED = 1
+    USAGE = 2
+    AUTH = 3
+    DAILY_LIMIT = 4
+    INTERRUPTED = 130
+    TERMINATED = 143
+
+
+class FreesoundDownloadError(Exception):
+    """Base of our errors; each carries the exit code main() returns for it.
+
+    FreesoundDownloadError         1
+     ├── UsageError                2  bad flags or input, unusable files or folders
+     ├── AuthError                 3  credentials, login, token refresh, suspension
+     ├── ApiError(status, url)     1  a request failed for good (after retries)
+     └── DownloadError(sound_id)   -  one sound failed; counted, the run goes on
+    DailyLimitReached              4  control flow: stop cleanly, re-run later
+    Terminated                     143 SIGTERM, handled like Ctrl-C
+    """
+
+    exit_code = ExitCode.SOME_FAILED
+
+
+class UsageError(FreesoundDownloadError):
+    exit_code = ExitCode.USAGE
+
+
+class AuthError(FreesoundDownloadError):
+    exit_code = ExitCode.AUTH
+
+
+class ApiError(FreesoundDownloadError):
+    def __init__(self, status: int, url: str, detail: str) -> None:
+        self.status, self.url, self.detail = status, url, detail
+        super().__init__(f"HTTP {status} for {redact_url(url)}: {detail}")
+
+
+class DownloadError(FreesoundDownloadError):
+    def __init__(self, sound_id: int, reason: str) -> None:
+        self.sound_id, self.reason = sound_id, reason
+        super().__init__(f"sound {sound_id}: {reason}")
+
+
+class DailyLimitReached(FreesoundDownloadError):
+    exit_code = ExitCode.DAILY_LIMIT
+
+    def __init__(self, what: str, frees_at: dt.datetime | None) -> None:
+        self.what, self.frees_at = what, frees_at
+        when = f"; the window frees at {format_utc(frees_at)}" if frees_at else ""
+        super().__init__(f"{what} reached{when}")
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so `finally` blocks run as for Ctrl-C."""
+
+
+###############################################################################
+# Configuration ###############################################################
+###############################################################################
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    query: str | None = None
+    ids: tuple[int, ...] | None = None
+    filter: str | None = None
+    sort: str | None = None
+    max: int | None = None
+    output_dir: Path = Path("sounds")
+    rate: float = DEFAULT_RATE_PER_MIN
+    daily_cap: int = DEFAULT_DAILY_CAP
+    api_rate: float = DEFAULT_API_RATE_PER_MIN
+    api_daily_cap: int = DEFAULT_API_DAILY_CAP
+    dry_run: bool = False
+    login: bool = False
+    auth_code: str | None = None
+    client_id: str | None = None
+    client_secret: str | None = None
+    api_base: str = DEFAULT_API_BASE
+    state_dir: Path = Path(".")
+    retries: int = DEFAULT_RETRIES
+    backoff: float = DEFAULT_BACKOFF_S
+    debug: bool = False
+    quiet: bool = False
+
+    @property
+    def download_interval_s(self) -> float:
+        """Start-to-start spacing of downloads: the stricter of --rate and --api-rate."""
+        return MINUTE_S / min(self.rate, self.api_rate)
+
+
+###############################################################################
+# Pure: sound IDs and search parameters #######################################
+###############################################################################
+
+_SOUND_URL_RE = re.compile(
+    r"^https?://(?:www\.)?freesound\.org/(?:s/(\d+)|people/[^/\s]+/sounds/(\d+))/?(?:[?#]\S*)?$",
+    re.IGNORECASE,
+)
+
+
+def parse_sound_ref(text: str) -> int | None:
+    """Return the sound ID in `text` (a bare ID or a sound page URL), else None."""
+    text = text.strip()
+    if text.isascii() and text.isdigit():
+        return int(text) or None
+    match = _SOUND_URL_RE.match(text)
+    return int(match.group(1) or match.group(2)) if match else None
+
+
+def parse_id_lines(lines: Iterable[str], source: str) -> list[int]:
+    """Parse one sound per line; skip blanks and # comments; drop repeats, keep order.
+
+    :raises UsageError: naming `source` and the 1-based line number of a bad line.
+    """
+    ids: dict[int, None] = {}
+    for number, line in enumerate(lines, start=1):
+        # A '#' starts a comment at the start of a line or after a space; URLs may hold '#'.
+        text = re.sub(r"(^|\s)#.*", "", line).strip()
+        if not text:
+            continue
+        sound_id = parse_sound_ref(text)
+        if sound_id is None:
+            raise UsageError(f"{source}, line {number}: not a Freesound sound ID or URL: {text!r}")
+        ids.setdefault(sound_id, None)
+    return list(ids)
+
+
+def id_filter(sound_ids: Sequence[int]) -> str:
+    """The Solr filter that selects exactly these sounds: id:(1 OR 2 OR 3)."""
+    return "id:(" + " OR ".join(str(i) for i in sound_ids) + ")"
+
+
+def batched(items: Sequence[int], size: int) -> Iterator[Sequence[int]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+###############################################################################
+# Pure: names, licences, URLs #################################################
+###############################################################################
+
+
+def slugify(text: str) -> str:
+    """Django's slugify, which Freesound uses for its download file names."""
+    text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+    text = re.sub(r"[^\w\s-]", "", text.lower())
+    return re.sub(r"[-\s]+", "-", text).strip("-_")
+
+
+def sound_filename(sound: dict) -> str:
+    """`<id>__<user>__<name>.<type>`, as Freesound's Content-Disposition names it.
+
+    Slugs are ASCII letters, digits, '-' and '_' only, so the name cannot leave the
+    output folder or hit a reserved name (the id prefix also keeps it unique), and
+    it is cut so that even the ".part" name fits in 255 bytes.
+    """
+    sound_type = slugify(str(sound.get("type") or ""))[:4] or "bin"
+    head = f"{int(sound['id'])}__{slugify(str(sound.get('username') or ''))}__"
+    stem = slugify(os.path.splitext(str(sound.get("name") or ""))[0])
+    room = MAX_NAME_BYTES - len(head) - len(sound_type) - 1
+    if room < 0:  # an absurdly long username: keep the id, which is what makes it unique
+        head = f"{int(sound['id'])}__{slugify(str(sound.get('username')))[:100]}__"
+        room = MAX_NAME_BYTES - len(head) - len(sound_type) - 1
+    return f"{head}{stem[:room].rstrip('-_')}.{sound_type}"
+
+
+_LICENSE_NAMES = {
+    "zero": "CC0", "by": "CC BY", "by-nc": "CC BY-NC", "sampling+": "Sampling+",
+    "creative commons 0": "CC0", "attribution": "CC BY",
+    "attribution noncommercial": "CC BY-NC",
+}
+LICENSE_ORDER = ("CC0", "CC BY", "CC BY-NC", "Sampling+")
+
+
+def license_name(license_value: str) -> str:
+    """'CC0 1.0', 'CC BY 4.0', ... from the deed URL the API returns (or a licence name)."""
+    value = (license_value or "").strip()
+    match = re.search(r"/(?:publicdomain|licenses)/([a-z+-]+)/(\d+\.\d+)", value.lower())
+    if match and match.group(1) in _LICENSE_NAMES:
+        return f"{_LICENSE_NAMES[match.group(1)]} {match.group(2)}"
+    return _LICENSE_NAMES.get(value.lower(), value or "unknown licence")
+
+
+def license_family(name: str) -> str:
+    return name.rsplit(" ", 1)[0] if name.rsplit(" ", 1)[-1][:1].isdigit() else name
+
+
+def redact_url(url: str) -> str:
+    """The URL without its query string, which may carry a token."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}{parts.path}"
+
+
+def origin(url: str) -> tuple[str, str, int | None]:
+    parts = urlsplit(url)
+    default_port = {"http": 80, "https": 443}.get(parts.scheme)
+    return parts.scheme, (parts.hostname or "").lower(), parts.port or default_port
+
+
+def is_loopback_host(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+_DOWNLOAD_PATH_RE = re.compile(r"/sounds/(\d+)/download/$")
+
+
+def classify_request(url: str, api_base: str) -> tuple[str, int | None]:
+    """('download', sound_id) for an original's download URL, else ('api', None)."""
+    base_path = urlsplit(api_base).path.rstrip("/")
+    path = urlsplit(url).path
+    match = _DOWNLOAD_PATH_RE.fullmatch(path[len(base_path):]) if path.startswith(base_path) else None
+    return ("download", int(match.group(1))) if match else ("api", None)
+
+
+def default_state_dir(platform: str, environ: dict, home: Path) -> Path:
+    """The per-user config folder: XDG on Linux, Application Support, %APPDATA%."""
+    if platform.startswith("win"):
+        return Path(environ.get("APPDATA") or home / "AppData" / "Roaming") / "freesound-downloader"
+    if platform == "darwin":
+        return home / "Library" / "Application Support" / "freesound-downloader"
+    return Path(environ.get("XDG_CONFIG_HOME") or home / ".config") / "freesound-downloader"
+
+
+###############################################################################
+# Pure: pacing, rolling windows, retries ######################################
+###############################################################################
+
+
+def times_in_window(times: Iterable[float], now: float, window_s: float) -> list[float]:
+    """The timestamps that are still inside the rolling window ending at `now`, sorted."""
+    return sorted(t for t in times if now - window_s < t <= now + 1.0)
+
+
+def window_frees_at(times: Sequence[float], limit: int, now: float, window_s: float) -> float:
+    """When the window next has room for one more request (`now` if it has room now)."""
+    inside = times_in_window(times, now, window_s)
+    if len(inside) < limit:
+        return now
+    return inside[len(inside) - limit] + window_s
+
+
+def pacing_delay(last_start: float | None, interval_s: float, now: float) -> float:
+    """Seconds to wait so that starts are at least `interval_s` apart (start-to-start)."""
+    if last_start is None:
+        return 0.0
+    return max(0.0, last_start + interval_s - now)
+
+
+def backoff_delay(attempt: int, base_s: float, rand: float, cap_s: float = BACKOFF_MAX_S) -> float:
+    """Exponential backoff with 'equal jitter': half fixed, half random (rand in [0, 1))."""
+    ceiling = min(cap_s, base_s * 2 ** (attempt - 1))
+    return ceiling / 2 + ceiling / 2 * rand
+
+
+def parse_retry_after(value: str | None, now: float) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or HTTP-date), clamped to [0, max]."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        seconds = float(value)
+    else:
+        try:
+            from email.utils import parsedate_to_datetime
+            seconds = parsedate_to_datetime(value).timestamp() - now
+        except (TypeError, ValueError):
+            return None
+    return min(max(seconds, 0.0), RETRY_AFTER_MAX_S)
+
+
+def throttle_kind(detail: str) -> str:
+    """'day', 'minute' or 'suspended' from the body of Freesound's 429."""
+    if "suspended" in detail:
+        return "suspended"
+    match = re.search(r"\(\d+/(\w)", detail)
+    return "day" if match and match.group(1) == "d" else "minute"
+
+
+def runs_needed(new: int, daily_cap: int, used_now: int) -> int:
+    """How many daily runs it takes to fetch `new` sounds, the current one included."""
+    if new <= 0:
+        return 0
+    left_now = max(0, daily_cap - used_now)
+    later = math.ceil(max(0, new - left_now) / daily_cap)
+    return later + (1 if left_now else 0)
+
+
+def format_utc(moment: dt.datetime | float) -> str:
+    if not isinstance(moment, dt.datetime):
+        moment = dt.datetime.fromtimestamp(moment, dt.timezone.utc)
+    return moment.astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def iso_utc(timestamp: float) -> str:
+    moment = dt.datetime.fromtimestamp(timestamp, dt.timezone.utc)
+    return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def parse_iso(text: str) -> float:
+    return dt.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def format_size(size: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+###############################################################################
+# Pure: metadata and attribution ##############################################
+###############################################################################
+
+
+def metadata_entry(sound: dict, file_name: str, downloaded_at: str) -> dict:
+    """What metadata.json records of one downloaded sound."""
+    entry = {key: sound.get(key) for key in API_OWNED_KEYS}
+    entry["id"] = int(sound["id"])
+    entry["license_name"] = license_name(str(sound.get("license") or ""))
+    entry["url"] = SITE_SOUND_URL.format(sound_id=entry["id"])
+    entry["file"] = file_name
+    entry["downloaded_at"] = downloaded_at
+    return entry
+
+
+def merge_metadata(entries: Sequence[dict], new: dict) -> list[dict]:
+    """Add or update one sound; keys the user added to an old entry are kept. Sorted by id."""
+    by_id = {int(entry["id"]): entry for entry in entries}
+    by_id[new["id"]] = {**by_id.get(new["id"], {}), **new}
+    return [by_id[key] for key in sorted(by_id)]
+
+
+def attribution_line(entry: dict) -> str:
+    return (f'"{entry.get("name")}" by {entry.get("username")} '
+            f'({SITE_SOUND_URL.format(sound_id=entry["id"])}) licensed under {entry.get("license_name")}')
+
+
+ATTRIBUTION_HEADER = """\
+Sounds downloaded from Freesound (https://freesound.org), grouped by licence.
+
+CC BY (Attribution), CC BY-NC (Attribution NonCommercial) and Sampling+ sounds
+require credit: copy the lines below into your credits.
+CC BY-NC sounds may not be used commercially.
+CC0 sounds need no credit, though crediting them is appreciated.
+"""
+
+
+def attribution_text(entries: Sequence[dict]) -> str:
+    """ATTRIBUTION.txt: one credit line per sound, grouped by licence."""
+    def group_key(name: str) -> tuple[int, str]:
+        family = license_family(name)
+        return (LICENSE_ORDER.index(family) if family in LICENSE_ORDER else len(LICENSE_ORDER), name)
+
+    groups: dict[str, list[dict]] = {}
+    for entry in entries:
+        groups.setdefault(entry.get("license_name") or "unknown licence", []).append(entry)
+    parts = [ATTRIBUTION_HEADER]
+    for name in sorted(groups, key=group_key):
+        members = sorted(groups[name], key=lambda entry: int(entry["id"]))
+        parts.append(f"\n{name} ({len(members)} sound{'s' if len(members) != 1 else ''})\n")
+        parts.extend(attribution_line(entry) + "\n" for entry in members)
+    return "".join(parts)
+
+
+def parse_pasted_code(text: str, expected_state: str) -> str:
+    """The authorization code from a pasted code or redirect URL; checks `state` on URLs."""
+    text = text.strip()
+    if "://" not in text and "code=" not in text:
+        return text
+    query = parse_qs(urlsplit(text).query)
+    if "error" in query:
+        raise AuthError(f"Freesound refused the authorization: {query['error'][0]}")
+    if "code" not in query:
+        raise AuthError("the pasted URL has no 'code' parameter; paste the code itself")
+    if query.get("state", [None])[0] != expected_state:
+        raise AuthError("the pasted URL's state does not match this login; start the login again")
+    return query["code"][0]
+
+
+def pkce_pair() -> tuple[str, str]:
+    """(code_verifier, S256 code_challenge), RFC 7636."""
+    verifier = secrets.token_urlsafe(48)
+    digest = hashlib.sha256(verifier.encode("ascii")).digest()
+    return verifier, base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+
+
+def authorize_url(api_base: str, client_id: str, state: str, challenge: str) -> str:
+    query = urlencode({"client_id": client_id, "response_type": "code", "state": state,
+                       "code_challenge": challenge, "code_challenge_method": "S256"})
+    return f"{api_base}/oauth2/authorize/?{query}"
+
+
+###############################################################################
+# File I/O ####################################################################
+###############################################################################
+
+
+def write_bytes_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over `path`."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        if hasattr(os, "fchmod"):  # not on Windows
+            os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: Path, obj: object, mode: int = 0o644) -> None:
+    text = json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=True) + "\n"
+    write_bytes_atomic(path, text.encode("utf-8"), mode)
+
+
+def load_metadata(path: Path) -> list[dict]:
+    """metadata.json's entries; refuses (exit 2) rather than risk overwriting a broken file."""
+    if not path.exists():
+        return []
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(entries, list) or not all(isinstance(e, dict) and "id" in e for e in entries):
+            raise ValueError("expected a JSON array of objects with an 'id'")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{path} is not valid metadata ({exc}); it was left untouched: "
+                         "fix or move it, then run again") from exc
+    return entries
+
+
+def ensure_private_dir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return path
+
+
+class Ledger:
+    """ledger.jsonl: one line per API request, the memory behind every rate limit.
+
+    Loaded once per run and appended to per request. Lines torn by a crash are skipped.
+    """
+
+    def __init__(self, path: Path, client_id: str, warn: Callable[[str], None]) -> None:
+        self.path, self.client_id = path, client_id
+        self.rows: list[tuple[float, str]] = []
+        self._load(warn)
+
+    def _load(self, warn: Callable[[str], None]) -> None:
+        if not self.path.exists():
+            return
+        total = 0
+        with self.path.open(encoding="utf-8", errors="replace") as handle:
+            for number, line in enumerate(handle, start=1):
+                total += 1
+                try:
+                    row = json.loads(line)
+                    if row.get("client_id") == self.client_id:
+                        self.rows.append((parse_iso(row["at"]), row["kind"]))
+                except (ValueError, KeyError, TypeError, AttributeError):
+                    warn(f"skipping unreadable line {number} of {self.path}")
+        if total > LEDGER_COMPACT_ROWS:
+            self._compact()
+
+    def _compact(self) -> None:
+        """Drop rows older than a day, so the file does not grow for ever."""
+        cutoff = time.time() - DAY_S
+        kept = []
+        with self.path.open(encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                try:
+                    if parse_iso(json.loads(line)["at"]) > cutoff:
+                        kept.append(line if line.endswith("\n") else line + "\n")
+                except (ValueError, KeyError, TypeError, AttributeError):
+                    continue
+        write_bytes_atomic(self.path, "".join(kept).encode("utf-8"), 0o600)
+
+    def record(self, kind: str, at: float, sound_id: int | None = None) -> None:
+        row = {"at": iso_utc(at), "client_id": self.client_id, "kind": kind}
+        if sound_id is not None:
+            row["sound_id"] = sound_id
+        # One write() of one line in append mode: concurrent appends do not interleave.
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(row) + "\n")
+        self.rows.append((at, kind))
+
+    def times(self, kind: str | None = None) -> list[float]:
+        return [at for at, row_kind in self.rows if kind is None or row_kind == kind]
+
+
+class TokenStore:
+    """token.json: the OAuth2 token response plus expires_at and client_id, mode 0600."""
+
+    def __init__(self, path: Path, client_id: str) -> None:
+        self.path, self.client_id = path, client_id
+
+    def load(self, warn: Callable[[str], None]) -> dict | None:
+        if not self.path.exists():
+            return None
+        try:
+            token = json.loads(self.path.read_text(encoding="utf-8"))
+            if not isinstance(token, dict) or "access_token" not in token:
+                raise ValueError("no access_token")
+        except (ValueError, UnicodeDecodeError, OSError):
+            warn(f"{self.path} is unreadable; a new login is needed")
+            return None
+        if token.get("client_id") != self.client_id:
+            warn(f"{self.path} belongs to another client id; a new login is needed")
+            return None
+        return token
+
+    def save(self, response: dict, now: float) -> dict:
+        keys = ("access_token", "refresh_token", "token_type", "scope", "expires_in")
+        token = {key: response[key] for key in keys if key in response}
+        token["expires_at"] = now + float(response.get("expires_in") or 0)
+        token["client_id"] = self.client_id
+        ensure_private_dir(self.path.parent)
+        write_json_atomic(self.path, token, mode=0o600)
+        return token
+
+
+###############################################################################
+# OAuth2 ######################################################################
+###############################################################################
+
+
+class Auth:
+    """Holds the OAuth2 token: loads it, logs in, refreshes (rotating refresh tokens)."""
+
+    def __init__(self, config: Config, store: TokenStore, ui: Ui,
+                 read_line: Callable[[], str], clock: Callable[[], float] = time.time) -> None:
+        self.config, self.store, self.ui = config, store, ui
+        self.read_line, self.clock = read_line, clock
+        self.token: dict | None = None
+        self.pending_path = store.path.with_name("login-pending.json")
+
+    @property
+    def token_url(self) -> str:
+        return f"{self.config.api_base}/oauth2/access_token/"
+
+    def access_token(self) -> str:
+        """A usable access token, logging in or refreshing as needed."""
+        if self.token is None:
+            self.token = self.store.load(self.ui.warn)
+        if self.token is None:
+            self.login()
+        elif self.token.get("expires_at", 0) - TOKEN_EXPIRY_MARGIN_S < self.clock():
+            self.refresh()
+        assert self.token is not None
+        return self.token["access_token"]
+
+    def login(self) -> None:
+        if self.config.auth_code:
+            code = self.config.auth_code
+            verifier = self._pending_verifier()
+        else:
+            code, verifier = self._prompt_for_code()
+        self.token = self._token_request(grant_type="authorization_code", code=code,
+                                         code_verifier=verifier)
+        self.pending_path.unlink(missing_ok=True)
+
+    def refresh(self) -> None:
+        refresh_token = (self.token or {}).get("refresh_token")
+        if not refresh_token:
+            self.login()
+            return
+        try:
+            self.token = self._token_request(grant_type="refresh_token", refresh_token=refresh_token)
+        except AuthError:
+            self.ui.warn("the saved login has expired or was revoked; a new login is needed")
+            self.token = None
+            self.login()
+
+    def _prompt_for_code(self) -> tuple[str, str]:
+        state = secrets.token_urlsafe(16)
+        verifier, challenge = pkce_pair()
+        ensure_private_dir(self.pending_path.parent)
+        write_json_atomic(self.pending_path, {"state": state, "code_verifier": verifier,
+                                              "created_at": self.clock()}, mode=0o600)
+        url = authorize_url(self.config.api_base, self.config.client_id or "", state, challenge)
+        self.ui.prompt("Log in to Freesound: open this URL in a browser, authorize the app,\n"
+                       f"then paste the code (or the whole URL you land on) here:\n  {url}\ncode: ")
+        line = self.read_line()
+        if not line.strip():
+            raise AuthError(f"no authorization code was entered; run `{PROG} --login` in a terminal "
+                            "(or pass --auth-code CODE)")
+        return parse_pasted_code(line, state), verifier
+
+    def _pending_verifier(self) -> str | None:
+        """The PKCE verifier of the URL we printed last, so --auth-code works in a later run."""
+        try:
+            pending = json.loads(self.pending_path.read_text(encoding="utf-8"))
+            return pending["code_verifier"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def _token_request(self, **params: str | None) -> dict:
+        from oauthlib.oauth2 import OAuth2Error
+        from requests_oauthlib import OAuth2Session
+
+        if urlsplit(self.token_url).scheme == "http":  # loopback only, checked by config_from_args
+            os.environ["OAUTHLIB_INSECURE_TRANSPORT"] = "1"
+        session = OAuth2Session(client_id=self.config.client_id)
+        session.headers["User-Agent"] = USER_AGENT
+        extra = {key: value for key, value in params.items() if value and key != "grant_type"}
+        timeout = (CONNECT_TIMEOUT_S, READ_TIMEOUT_S)
+        try:
+            if params["grant_type"] == "refresh_token":
+                response = session.refresh_token(
+                    self.token_url, client_id=self.config.client_id,
+                    client_secret=self.config.client_secret, timeout=timeout, **extra)
+            else:
+                response = session.fetch_token(
+                    self.token_url, client_secret=self.config.client_secret,
+                    include_client_id=True, timeout=timeout, **extra)
+        except OAuth2Error as exc:
+            raise AuthError(_oauth_error_message(exc.error, params["grant_type"] or "")) from None
+        except requests.RequestException as exc:
+            raise AuthError(f"could not reach the Freesound token endpoint: {type(exc).__name__}") from None
+        return self.store.save(dict(response), self.clock())
+
+
+def _oauth_error_message(error: str, grant_type: str) -> str:
+    if error == "invalid_client":
+        return (f"Freesound rejected the client id or secret ({ENV_CLIENT_ID} / {ENV_CLIENT_SECRET}); "
+                f"check them on {CREDENTIALS_PAGE}")
+    if error == "invalid_grant" and grant_type == "authorization_code":
+        return ("Freesound rejected the authorization code (codes last 10 minutes and work once); "
+                f"run `{PROG} --login` again")
+    return f"Freesound's token endpoint answered {error!r} to a {grant_type} request"
+
+
+###############################################################################
+# The HTTP choke point ########################################################
+###############################################################################
+
+
+class Limits:
+    """Keeps this credential inside --rate/--daily-cap and --api-rate/--api-daily-cap.
+
+    Every request is judged from the ledger, so the limits hold across runs.
+    """
+
+    def __init__(self, config: Config, ledger: Ledger, ui: Ui,
+                 clock: Callable[[], float] = time.time, sleep: Callable[[float], None] = time.sleep):
+        self.config, self.ledger, self.ui, self.clock, self.sleep = config, ledger, ui, clock, sleep
+
+    def downloads_left(self) -> int:
+        used = len(times_in_window(self.ledger.times("download"), self.clock(), DAY_S))
+        return max(0, self.config.daily_cap - used)
+
+    def check_daily(self, kind: str) -> None:
+        """Raise DailyLimitReached if this request would break a rolling 24-hour cap."""
+        now, config = self.clock(), self.config
+        caps = [("the API daily cap", None, config.api_daily_cap)]
+        if kind == "download":
+            caps.insert(0, ("the daily download cap", "download", config.daily_cap))
+        for label, row_kind, cap in caps:
+            times = self.ledger.times(row_kind)
+            if len(times_in_window(times, now, DAY_S)) >= cap:
+                frees = window_frees_at(times, cap, now, DAY_S)
+                raise DailyLimitReached(f"{label} ({cap} requests per 24 hours)",
+                                        dt.datetime.fromtimestamp(frees, dt.timezone.utc))
+
+    def acquire(self, kind: str, sound_id: int | None) -> None:
+        """Wait for a slot, then record the request in the ledger (retries count too)."""
+        self.check_daily(kind)
+        now = self.clock()
+        per_minute = max(1, int(self.config.api_rate))
+        wait = window_frees_at(self.ledger.times(), per_minute, now, MINUTE_S) - now
+        if kind == "download":
+            starts = self.ledger.times("download")
+            last = max(starts) if starts else None
+            wait = max(wait, pacing_delay(last, self.config.download_interval_s, now))
+        if wait > 0:
+            if wait >= 5:
+                self.ui.info(f"waiting {wait:.0f} s for the rate limit (until {format_utc(now + wait)})")
+            self.sleep(wait)
+        self.ledger.record(kind, self.clock(), sound_id)
+
+    def wait_after_throttle(self, retry_after: float | None, attempt: int) -> None:
+        """After a per-minute 429: Retry-After if given, else until our minute window has room."""
+        now = self.clock()
+        if retry_after is None:
+            frees = window_frees_at(self.ledger.times(), 1, now, MINUTE_S) - now
+            retry_after = max(frees, backoff_delay(attempt, self.config.backoff, random.random()))
+        wait = min(retry_after, MINUTE_S)
+        self.ui.info(f"Freesound says slow down (429); waiting {wait:.0f} s")
+        self.sleep(wait)
+
+
+class ApiSession(requests.Session):
+    """The one place where HTTP becomes our errors.
+
+    Every request, the freesound client's included, passes through send(): it is
+    kept to the API's origin, authenticated (API key for metadata, OAuth2 bearer
+    for downloads), paced and recorded, given a timeout, retried on 5xx, network
+    errors and per-minute 429s, and any other failure is raised as our error.
+    """
+
+    def __init__(self, config: Config, limits: Limits, auth: Auth, ui: Ui,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        super().__init__()
+        self.config, self.limits, self.auth, self.ui, self.sleep = config, limits, auth, ui, sleep
+        self.headers["User-Agent"] = USER_AGENT
+        self.headers["Accept"] = "application/json, */*"
+
+    def send(self, request: requests.PreparedRequest, **kwargs) -> requests.Response:
+        url = request.url or ""
+        if origin(url) != origin(self.config.api_base):
+            raise ApiError(0, url, "refusing to send credentials to a host other than the API's")
+        kind, sound_id = classify_request(url, self.config.api_base)
+        kwargs["allow_redirects"] = False
+        kwargs["timeout"] = kwargs.get("timeout") or (CONNECT_TIMEOUT_S, READ_TIMEOUT_S)
+        refreshed, attempt = False, 0
+        while True:
+            attempt += 1
+            self._authenticate(request, kind)
+            self.limits.acquire(kind, sound_id)
+            try:
+                response = super().send(request, **kwargs)
+            except (requests.ConnectionError, requests.Timeout) as exc:
+                self._retry_or_raise(attempt, url, f"network error: {type(exc).__name__}")
+                continue
+            status = response.status_code
+            if status < 300 or (kind == "download" and status == 416):
+                return response
+            detail = response_detail(response)
+            response.close()
+            if status == 401 and kind == "download" and not refreshed and _token_expired(response):
+                refreshed = True
+                self.auth.refresh()
+                continue
+            if status == 429 and throttle_kind(detail) == "minute":
+                self._check_attempts(attempt, status, url, detail)
+                retry_after = parse_retry_after(response.headers.get("Retry-After"), time.time())
+                self.limits.wait_after_throttle(retry_after, attempt)
+                continue
+            if status in RETRY_STATUSES:
+                self._retry_or_raise(attempt, url, f"HTTP {status}: {detail}", status)
+                continue
+            raise api_error(status, url, detail, kind)
+
+    def _authenticate(self, request: requests.PreparedRequest, kind: str) -> None:
+        if kind == "download":
+            request.headers["Authorization"] = f"Bearer {self.auth.access_token()}"
+        else:
+            request.headers["Authorization"] = f"Token {self.config.client_secret}"
+
+    def _check_attempts(self, attempt: int, status: int, url: str, detail: str) -> None:
+        if attempt > self.config.retries:
+            raise ApiError(status, url, f"{detail} (gave up after {attempt} tries)")
+
+    def _retry_or_raise(self, attempt: int, url: str, reason: str, status: int = 0) -> None:
+        self._check_attempts(attempt, status, url, reason)
+        delay = backoff_delay(attempt, self.config.backoff, random.random())
+        self.ui.info(f"{reason} for {redact_url(url)}; retrying in {delay:.1f} s")
+        self.sleep(delay)
+
+
+def _token_expired(response: requests.Response) -> bool:
+    return 'error="invalid_token"' in response.headers.get("WWW-Authenticate", "")
+
+
+def response_detail(response: requests.Response) -> str:
+    """The API's JSON `detail`, or a short description of whatever came instead."""
+    try:
+        body = response.json()
+        if isinstance(body, dict) and "detail" in body:
+            return str(body["detail"])
+    except ValueError:
+        pass
+    content_type = response.headers.get("Content-Type", "unknown type").split(";")[0]
+    return f"unexpected {content_type} response (not Freesound's JSON; a proxy error?)"
+
+
+def api_error(status: int, url: str, detail: str, kind: str) -> FreesoundDownloadError:
+    """The error a final, non-retryable HTTP status means to the user."""
+    if status == 429:
+        if throttle_kind(detail) == "suspended":
+            return AuthError(f"Freesound: {detail}")
+        return DailyLimitReached(f"Freesound's own daily limit ({detail})", None)
+    if status == 401:
+        what = "OAuth2 login" if kind == "download" else f"API key ({ENV_CLIENT_SECRET})"
+        return AuthError(f"Freesound rejected the {what}: {detail}")
+    if status == 403 and "secure connection" in detail:
+        return UsageError(f"Freesound requires https: set {ENV_API_URL} to an https:// URL ({detail})")
+    if status == 400:
+        return UsageError(f"Freesound rejected the request: {detail}")
+    return ApiError(status, url, detail)
+
+
+###############################################################################
+# Freesound client, search and download #######################################
+###############################################################################
+
+
+class Api:
+    """Searches through MTG's freesound client, downloads through the same session."""
+
+    def __init__(self, config: Config, session: ApiSession) -> None:
+        # The client reads its base URL from this class attribute, nowhere else.
+        freesound.URIS.BASE = config.api_base
+        self.config = config
+        self.client = freesound.FreesoundClient()
+        self.client.session = session
+
+    @staticmethod
+    def _call(request: Callable[[], object], url: str) -> object:
+        """Run a freesound-client call; its only own error left is an unparsable 200 body."""
+        try:
+            return request()
+        except freesound.FreesoundException as exc:
+            raise ApiError(exc.code, url, f"{exc.detail} (not Freesound's JSON; a proxy error?)") from None
+
+    def search(self, query: str, filter_: str | None, sort: str | None) -> Iterator[dict]:
+        """Every result of a search, following `next` to the end."""
+        params = {"query": query, "page_size": PAGE_SIZE, "fields": SEARCH_FIELDS}
+        if filter_ is not None:
+            params["filter"] = filter_
+        if sort:
+            params["sort"] = sort
+        search_url = f"{self.config.api_base}/search/text/"
+        pager = self._call(lambda: self.client.text_search(**params), search_url)
+        while True:
+            # Not `for sound in pager`: that wraps each result, and results can be null.
+            yield from (sound for sound in pager.results if sound)
+            if not pager.next:
+                return
+            try:
+                pager = self._call(pager.next_page, pager.next)
+            except ApiError as exc:
+                if exc.status == 404:  # a page past the last one: the end
+                    return
+                raise
+
+    def sounds_by_id(self, sound_ids: Sequence[int]) -> tuple[list[dict], list[int]]:
+        """Metadata in batches of 150 (one search each); returns (sounds, ids that do not exist)."""
+        found: dict[int, dict] = {}
+        for batch in batched(sound_ids, PAGE_SIZE):
+            for sound in self.search("", id_filter(batch), None):
+                found[int(sound["id"])] = sound
+        missing = []
+        for sound_id in (i for i in sound_ids if i not in found):
+            try:
+                url = f"{self.config.api_base}/sounds/{sound_id}/"
+                found[sound_id] = self._call(
+                    lambda: self.client.get_sound(sound_id, fields=SEARCH_FIELDS), url).as_dict()
+            except ApiError as exc:
+                if exc.status != 404:
+                    raise
+                missing.append(sound_id)
+        return [found[i] for i in sound_ids if i in found], missing
+
+    def open_download(self, sound_id: int, offset: int) -> requests.Response:
+        headers = {"Accept-Encoding": "identity"}  # byte counts must match the file
+        if offset:
+            headers["Range"] = f"bytes={offset}-"
+        url = f"{self.config.api_base}/sounds/{sound_id}/download/"
+        try:
+            return self.client.session.get(url, headers=headers, stream=True)
+        except ApiError as exc:
+            if exc.status == 404:
+                raise DownloadError(sound_id, f"not available for download ({exc.detail})") from None
+            raise
+
+
+_CONTENT_RANGE_RE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+
+
+def resumed_offset(response: requests.Response, offset: int) -> int:
+    """Where the body starts: `offset` for a valid 206, 0 for a 200 (server ignored Range)."""
+    if response.status_code != 206:
+        return 0
+    match = _CONTENT_RANGE_RE.fullmatch(response.headers.get("Content-Range", "").strip())
+    if not match or int(match.group(1)) != offset:
+        raise ValueError(f"unexpected Content-Range {response.headers.get('Content-Range')!r}")
+    return offset
+
+
+def hash_file(path: Path, digest: hashlib._Hash | None = None) -> hashlib._Hash:
+    digest = digest or hashlib.md5()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(CHUNK_SIZE_BYTES), b""):
+            digest.update(chunk)
+    return digest
+
+
+def download_to(api: Api, sound: dict, dest: Path, ui: Ui) -> None:
+    """Stream one original to `<dest>.part`, verify size and md5, rename it into place."""
+    sound_id, size = int(sound["id"]), int(sound.get("filesize") or 0)
+    part = dest.with_name(dest.name + PART_SUFFIX)
+    offset = part.stat().st_size if part.exists() else 0
+    if size and offset > size:
+        part.unlink()
+        offset = 0
+    with api.open_download(sound_id, offset) as response:
+        if response.status_code == 416:  # nothing left to send: the .part may be whole
+            if not offset:
+                raise DownloadError(sound_id, "the server refused the download (416)")
+            digest = hash_file(part)
+        else:
+            if response.headers.get("Content-Type", "").startswith("text/html"):
+                raise DownloadError(sound_id, "got an HTML page instead of the audio file")
+            try:
+                offset = resumed_offset(response, offset)
+            except ValueError as exc:
+                raise DownloadError(sound_id, str(exc)) from None
+            # Hash while streaming; only a resumed file's existing bytes are read back.
+            digest = hash_file(part) if offset else hashlib.md5()
+            _write_body(response, part, offset, digest, size, ui, dest.name)
+    _verify_and_finalize(sound, part, dest, digest.hexdigest())
+
+
+def _write_body(response: requests.Response, part: Path, offset: int,
+                digest: hashlib._Hash, size: int, ui: Ui, label: str) -> None:
+    with part.open("ab" if offset else "wb") as handle, ui.file_progress(label, size, offset) as bar:
+        for chunk in response.iter_content(CHUNK_SIZE_BYTES):
+            handle.write(chunk)
+            digest.update(chunk)
+            bar(len(chunk))
+
+
+def _verify_and_finalize(sound: dict, part: Path, dest: Path, md5_hex: str) -> None:
+    sound_id, size = int(sound["id"]), int(sound.get("filesize") or 0)
+    actual = part.stat().st_size
+    if size and actual != size:
+        if actual > size:
+            part.unlink()
+        raise DownloadError(sound_id, f"size mismatch: got {actual} bytes, expected {size}")
+    expected_md5 = (sound.get("md5") or "").lower()
+    if expected_md5 and md5_hex != expected_md5:
+        part.unlink()
+        raise DownloadError(sound_id, "md5 mismatch: the file was corrupted in transit")
+    os.replace(part, dest)
+
+
+###############################################################################
+# Progress and messages #######################################################
+###############################################################################
+
+
+class Ui:
+    """Everything the user reads: progress bars on a terminal, plain lines otherwise."""
+
+    def __init__(self, stream=sys.stderr, quiet: bool = False, bars: bool | None = None) -> None:
+        self.stream, self.quiet = stream, quiet
+        self.bars = (stream.isatty() if bars is None else bars) and not quiet
+        self.overall = None
+
+    def _write(self, text: str) -> None:
+        if self.overall is not None:
+            from tqdm import tqdm
+            tqdm.write(text, file=self.stream)
+        else:
+            print(text, file=self.stream, flush=True)
+
+    def info(self, text: str) -> None:
+        if not self.quiet:
+            self._write(text)
+
+    def warn(self, text: str) -> None:
+        self._write(f"{PROG}: warning: {text}")
+
+    def prompt(self, text: str) -> None:
+        print(text, end="", file=self.stream, flush=True)
+
+    def start(self, total: int) -> None:
+        if self.bars and total:
+            from tqdm import tqdm
+            self.overall = tqdm(total=total, unit="sound", file=self.stream, position=0)
+
+    def advance(self) -> None:
+        if self.overall is not None:
+            self.overall.update(1)
+
+    def finish(self) -> None:
+        if self.overall is not None:
+            self.overall.close()
+            self.overall = None
+
+    def file_progress(self, label: str, size: int, initial: int):
+        return _FileProgress(self, label, size, initial)
+
+
+class _FileProgress:
+    def __init__(self, ui: Ui, label: str, size: int, initial: int) -> None:
+        self.ui, self.label, self.size, self.initial, self.bar = ui, label, size, initial, None
+
+    def __enter__(self) -> Callable[[int], None]:
+        if self.ui.bars:
+            from tqdm import tqdm
+            self.bar = tqdm(total=self.size or None, initial=self.initial, desc=self.label[:40],
+                            unit="B", unit_scale=True, unit_divisor=1024, leave=False,
+                            file=self.ui.stream, position=1)
+            return self.bar.update
+        return lambda n: None
+
+    def __exit__(self, *exc_info) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+###############################################################################
+# Orchestration ###############################################################
+###############################################################################
+
+
+@dataclasses.dataclass
+class RunReport:
+    selected: int = 0
+    skipped: int = 0
+    downloaded: int = 0
+    failed: dict[int, str] = dataclasses.field(default_factory=dict)
+    missing: list[int] = dataclasses.field(default_factory=list)
+    remaining: int = 0
+    downloads_left: int | None = None
+    stopped: DailyLimitReached | None = None
+
+    @property
+    def exit_code(self) -> ExitCode:
+        if self.stopped is not None:
+            return ExitCode.DAILY_LIMIT
+        return ExitCode.SOME_FAILED if self.failed or self.missing else ExitCode.SUCCESS
+
+    def summary(self) -> str:
+        lines = [f"downloaded {self.downloaded}, skipped {self.skipped} (already present), "
+                 f"failed {len(self.failed) + len(self.missing)}, remaining {self.remaining}"]
+        if self.downloads_left is not None:
+            lines.append(f"downloads left in the rolling 24-hour window: {self.downloads_left}")
+        lines += [f"  failed {sound_id}: {reason}" for sound_id, reason in sorted(self.failed.items())]
+        if self.missing:
+            lines.append("  not found on Freesound: " + ", ".join(map(str, self.missing)))
+        if self.stopped is not None:
+            lines.append(f"stopped: {self.stopped}; run again then to fetch the remaining "
+                         f"{self.remaining} sound{'s' if self.remaining != 1 else ''}")
+        return "\n".join(lines)
+
+
+class Library:
+    """The output folder: audio files, metadata.json and ATTRIBUTION.txt."""
+
+    def __init__(self, folder: Path) -> None:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"cannot create the output folder {folder}: {exc.strerror}") from None
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise UsageError(f"the output folder {folder} is not writable")
+        self.folder = folder
+        self.metadata_path = folder / "metadata.json"
+        self.entries = load_metadata(self.metadata_path)
+        self.by_id = {int(entry["id"]): entry for entry in self.entries}
+
+    def has(self, sound_id: int) -> bool:
+        """Recorded in metadata.json, and its file is on disk with the recorded size."""
+        entry = self.by_id.get(sound_id)
+        if not entry or not entry.get("file"):
+            return False
+        path = self.folder / Path(str(entry["file"])).name
+        return path.is_file() and (entry.get("filesize") is None or path.stat().st_size == entry["filesize"])
+
+    def adoptable(self, sound: dict, dest: Path) -> bool:
+        """A finished file whose metadata was not written (a crash in between): keep it."""
+        size = sound.get("filesize")
+        if not dest.is_file() or (size is not None and dest.stat().st_size != size):
+            return False
+        return not sound.get("md5") or hash_file(dest).hexdigest() == sound["md5"].lower()
+
+    def record(self, sound: dict, file_name: str, now: float) -> None:
+        self.entries = merge_metadata(self.entries, metadata_entry(sound, file_name, iso_utc(now)))
+        self.by_id = {int(entry["id"]): entry for entry in self.entries}
+        write_json_atomic(self.metadata_path, self.entries)
+        write_bytes_atomic(self.folder / "ATTRIBUTION.txt", attribution_text(self.entries).encode("utf-8"))
+
+
+class Runner:
+    """One run: resolve the selection, skip what is done, download the rest."""
+
+    def __init__(self, config: Config, ui: Ui, read_line: Callable[[], str]) -> None:
+        self.config, self.ui, self.read_line = config, ui, read_line
+        self.report = RunReport()
+        self._api: Api | None = None
+        self._limits: Limits | None = None
+        self._auth: Auth | None = None
+
+    # -- lazily built, so a run with nothing to fetch needs no credentials --
+    def api(self) -> Api:
+        if self._api is None:
+            config = self.config
+            if not config.client_id or not config.client_secret:
+                raise AuthError(
+                    f"missing API credentials: set {ENV_CLIENT_ID} and {ENV_CLIENT_SECRET} "
+                    f"(client id and client secret/API key from {CREDENTIALS_PAGE})")
+            ensure_private_dir(config.state_dir)
+            ledger = Ledger(config.state_dir / "ledger.jsonl", config.client_id, self.ui.warn)
+            self._limits = Limits(config, ledger, self.ui)
+            self._auth = Auth(config, TokenStore(config.state_dir / "token.json", config.client_id),
+                              self.ui, self.read_line)
+            self._api = Api(config, ApiSession(config, self._limits, self._auth, self.ui))
+        return self._api
+
+    def login_only(self) -> None:
+        self.api()
+        assert self._auth is not None
+        self._auth.login()
+        self.ui.info(f"logged in; token saved in {self._auth.store.path}")
+
+    def run(self) -> RunReport:
+        library = Library(self.config.output_dir)
+        todo = self._select(library)
+        if self.config.dry_run:
+            self._print_plan(todo)
+            return self.report
+        if self.config.max is not None and len(todo) > self.config.max:
+            self.report.remaining = len(todo) - self.config.max
+            todo = todo[:self.config.max]
+        if todo:
+            self.api()  # logs in if needed, before the first download is paced
+            self._auth.access_token()
+            self._download_all(library, todo)
+        if self._limits is not None:
+            self.report.downloads_left = self._limits.downloads_left()
+        return self.report
+
+    def _select(self, library: Library) -> list[dict]:
+        """The sounds to download, in order; already-present ones are counted and skipped."""
+        config = self.config
+        if config.ids is not None:
+            wanted = [i for i in config.ids if not library.has(i)]
+            self.report.skipped = len(config.ids) - len(wanted)
+            sounds, self.report.missing = self.api().sounds_by_id(wanted) if wanted else ([], [])
+            self.report.selected = len(config.ids)
+        else:
+            sounds = []
+            for sound in self.api().search(config.query or "", config.filter, config.sort):
+                self.report.selected += 1
+                if library.has(int(sound["id"])):
+                    self.report.skipped += 1
+                else:
+                    sounds.append(sound)
+        unique = {int(sound["id"]): sound for sound in reversed(sounds)}  # first one wins
+        return [unique[key] for key in dict.fromkeys(int(sound["id"]) for sound in sounds)]
+
+    def _print_plan(self, todo: list[dict]) -> None:
+        used = 0
+        if self._limits is not None:
+            used = self.config.daily_cap - self._limits.downloads_left()
+        size = sum(int(s.get("filesize") or 0) for s in todo)
+        runs = runs_needed(len(todo), self.config.daily_cap, used)
+        print(f"{self.report.selected} sounds selected, {self.report.skipped} already present, "
+              f"{len(todo)} new ({format_size(size)}); at --daily-cap {self.config.daily_cap} "
+              f"({used} used in the last 24 hours) that takes {runs} run{'s' if runs != 1 else ''}"
+              + (f"; not found: {', '.join(map(str, self.report.missing))}" if self.report.missing else ""))
+
+    def _download_all(self, library: Library, todo: list[dict]) -> None:
+        self.ui.start(len(todo))
+        try:
+            for index, sound in enumerate(todo):
+                try:
+                    self._download_one(library, sound)
+                except DailyLimitReached as exc:
+                    self.report.stopped = exc
+                    self.report.remaining += len(todo) - index
+                    return
+                except DownloadError as exc:
+                    self.report.failed[exc.sound_id] = exc.reason
+                    self.ui.warn(str(exc))
+                self.ui.advance()
+        finally:
+            self.ui.finish()
+
+    def _download_one(self, library: Library, sound: dict) -> None:
+        name = sound_filename(sound)
+        dest = library.folder / name
+        if not library.adoptable(sound, dest):
+            self._download_with_retries(sound, dest)
+            self.report.downloaded += 1
+            self.ui.info(f"downloaded {name} ({format_size(int(sound.get('filesize') or 0))})")
+        else:
+            self.report.skipped += 1
+        library.record(sound, name, time.time())
+
+    def _download_with_retries(self, sound: dict, dest: Path) -> None:
+        """Resume after a dropped connection; after a corrupt file, start over once."""
+        api, sound_id = self.api(), int(sound["id"])
+        for attempt in range(1, self.config.retries + 2):
+            try:
+                download_to(api, sound, dest, self.ui)
+                return
+            except (requests.ConnectionError, requests.Timeout,
+                    requests.exceptions.ChunkedEncodingError) as exc:
+                reason = f"connection lost mid-download ({type(exc).__name__})"
+            except DownloadError as exc:
+                if "mismatch" not in exc.reason or attempt >= 2:
+                    raise
+                reason = exc.reason
+            if attempt > self.config.retries:
+                raise DownloadError(sound_id, f"{reason}; gave up after {attempt} tries")
+            self.ui.info(f"sound {sound_id}: {reason}; trying again")
+
+
+###############################################################################
+# Command line ################################################################
+###############################################################################
+
+
+def build_parser() -> argparse.ArgumentParser:
+    doc = __doc__ or ""
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=doc.split("\n\n")[0],
+        epilog=doc[doc.index("Examples:"):] + "\nDocumentation: README.md",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("-q", "--query", metavar="TEXT", help='text search; "" means all sounds')
+    source.add_argument("--ids-file", metavar="PATH",
+                        help="file with one sound ID or URL per line ('-' reads standard input)")
+    source.add_argument("--ids", nargs="+", metavar="ID_OR_URL", help="sound IDs or URLs")
+    add = parser.add_argument
+    add("-f", "--filter", metavar="SOLR", help="Solr filter, passed to the API as is")
+    add("--sort", metavar="KEY", help="one of: " + ", ".join(SORT_KEYS))
+    add("--max", type=int, metavar="N", help="download at most N new sounds this run")
+    add("-o", "--output-dir", default="sounds", metavar="DIR", help="output folder (default: ./sounds)")
+    add("--rate", type=float, default=DEFAULT_RATE_PER_MIN, metavar="N",
+        help=f"downloads per minute, start to start (default {DEFAULT_RATE_PER_MIN})")
+    add("--daily-cap", type=int, default=DEFAULT_DAILY_CAP, metavar="N",
+        help=f"downloads per rolling 24 hours (default {DEFAULT_DAILY_CAP})")
+    add("--api-rate", type=float, default=DEFAULT_API_RATE_PER_MIN, metavar="N",
+        help=f"all API requests per minute (default {DEFAULT_API_RATE_PER_MIN})")
+    add("--api-daily-cap", type=int, default=DEFAULT_API_DAILY_CAP, metavar="N",
+        help=f"all API requests per rolling 24 hours (default {DEFAULT_API_DAILY_CAP})")
+    add("--retries", type=int, default=DEFAULT_RETRIES, metavar="N",
+        help=f"retries after network errors and 5xx answers (default {DEFAULT_RETRIES})")
+    add("--backoff", type=float, default=DEFAULT_BACKOFF_S, metavar="SECONDS",
+        help=f"first retry delay, doubled each time (default {DEFAULT_BACKOFF_S})")
+    add("--dry-run", action="store_true", help="show what would be downloaded; download nothing")
+    add("--login", action="store_true", help="log in, store the token, exit")
+    add("--auth-code", metavar="CODE", help="exchange this authorization code instead of prompting")
+    add("--client-id", help=f"OAuth2 client id (default: ${ENV_CLIENT_ID})")
+    add("--client-secret", help=f"client secret / API key (default: ${ENV_CLIENT_SECRET})")
+    add("--state-dir", metavar="DIR", help=f"token and ledger folder (default: ${ENV_STATE_DIR} or "
+        "the per-user config folder)")
+    add("--quiet", action="store_true", help="show only errors")
+    add("--debug", action="store_true", help="show tracebacks")
+    add("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def _positive(name: str, value: float | None, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if value is None or value <= 0 or (isinstance(value, float) and not math.isfinite(value)):
+        raise UsageError(f"{name} must be a positive number, got {value}")
+
+
+def read_ids(args: argparse.Namespace, stdin) -> tuple[int, ...] | None:
+    if args.ids is not None:
+        return tuple(parse_id_lines(args.ids, "--ids"))
+    if args.ids_file is None:
+        return None
+    if args.ids_file == "-":
+        return tuple(parse_id_lines(stdin, "standard input"))
+    try:
+        with open(args.ids_file, encoding="utf-8") as handle:
+            return tuple(parse_id_lines(handle, args.ids_file))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read --ids-file {args.ids_file}: {exc}") from None
+
+
+def check_api_base(url: str) -> str:
+    """https only, except on loopback hosts (tests and local trials)."""
+    url = url.rstrip("/")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UsageError(f"{ENV_API_URL} must be an http(s) URL, got {url!r}")
+    if parts.scheme == "http" and not is_loopback_host(parts.hostname):
+        raise UsageError(f"refusing plain http for {parts.hostname}: the API URL must be https "
+                         "(http is only allowed for loopback test servers)")
+    return url
+
+
+def config_from_args(args: argparse.Namespace, environ: dict, stdin=sys.stdin) -> Config:
+    """Validate the parsed flags and environment into a Config; raise UsageError on bad input."""
+    if args.login:
+        if args.query is not None or args.ids or args.ids_file:
+            raise UsageError("--login takes no source; it only logs in")
+    elif args.query is None and args.ids is None and args.ids_file is None:
+        raise UsageError("give exactly one source: --query TEXT, --ids-file PATH or --ids ID ...")
+    if args.sort is not None and args.sort not in SORT_KEYS:
+        raise UsageError(f"--sort {args.sort!r} is not one of: {', '.join(SORT_KEYS)}")
+    if args.filter is not None and not args.filter.strip():
+        raise UsageError("--filter is empty (Freesound answers 'Invalid filter'); leave it out instead")
+    for name, value in (("--rate", args.rate), ("--api-rate", args.api_rate),
+                        ("--daily-cap", args.daily_cap), ("--api-daily-cap", args.api_daily_cap)):
+        _positive(name, value)
+    _positive("--max", args.max, allow_none=True)
+    if args.retries < 0 or args.backoff < 0:
+        raise UsageError("--retries and --backoff cannot be negative")
+    state_dir = args.state_dir or environ.get(ENV_STATE_DIR)
+    return Config(
+        query=args.query, ids=read_ids(args, stdin), filter=args.filter, sort=args.sort,
+        max=args.max, output_dir=Path(args.output_dir), rate=args.rate, daily_cap=args.daily_cap,
+        api_rate=args.api_rate, api_daily_cap=args.api_daily_cap, dry_run=args.dry_run,
+        login=args.login, auth_code=args.auth_code,
+        client_id=args.client_id or environ.get(ENV_CLIENT_ID),
+        client_secret=args.client_secret or environ.get(ENV_CLIENT_SECRET),
+        api_base=check_api_base(environ.get(ENV_API_URL) or DEFAULT_API_BASE),
+        state_dir=Path(state_dir) if state_dir else default_state_dir(sys.platform, environ, Path.home()),
+        retries=args.retries, backoff=args.backoff, debug=args.debug, quiet=args.quiet)
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+def program(config: Config, ui: Ui, stdin) -> ExitCode:
+    """The work, without error handling."""
+    if config.rate > config.api_rate:
+        ui.info(f"note: --rate {config.rate:g} is above --api-rate {config.api_rate:g}; "
+                f"downloads will start at most {config.api_rate:g} a minute")
+    runner = Runner(config, ui, read_line=stdin.readline)
+    if config.login:
+        runner.login_only()
+        return ExitCode.SUCCESS
+    report = runner.run()
+    if config.dry_run:
+        return ExitCode.SUCCESS
+    if report.exit_code == ExitCode.SUCCESS:
+        ui.info(report.summary())
+    else:
+        ui.warn(report.summary())
+    return report.exit_code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse arguments, run, and map every error to its exit code: the only place that does."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse's own usage errors already printed their line
+        return ExitCode.USAGE if exc.code else ExitCode.SUCCESS
+    ui = Ui(sys.stderr, quiet=args.quiet)
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)  # main thread only, like Ctrl-C
+    try:
+        config = config_from_args(args, dict(os.environ), sys.stdin)
+        return program(config, ui, sys.stdin)
+    except FreesoundDownloadError as exc:
+        if args.debug:
+            raise
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"\n{PROG}: interrupted; finished files and metadata are saved, re-run to resume",
+              file=sys.stderr)
+        return ExitCode.INTERRUPTED
+    except Terminated:
+        print(f"{PROG}: terminated; finished files and metadata are saved", file=sys.stderr)
+        return ExitCode.TERMINATED
+    except OSError as exc:
+        if args.debug:
+            raise
+        print(f"{PROG}: error: {exc.strerror or exc}: {exc.filename or ''}", file=sys.stderr)
+        return ExitCode.SOME_FAILED
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
