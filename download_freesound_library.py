@@ -397,6 +397,12 @@ def throttle_kind(detail: str) -> str:
     return "day" if match and match.group(1) == "d" else "minute"
 
 
+def throttle_limit(detail: str) -> int | None:
+    """The N of '(N/minute)' in a 429 body."""
+    match = re.search(r"\((\d+)/", detail)
+    return int(match.group(1)) if match else None
+
+
 def runs_needed(new: int, daily_cap: int, used_now: int) -> int:
     """How many daily runs it takes to fetch `new` sounds, the current one included."""
     if new <= 0:
@@ -800,11 +806,15 @@ class Limits:
             self.sleep(wait)
         self.ledger.record(kind, self.clock(), sound_id)
 
-    def wait_after_throttle(self, retry_after: float | None, attempt: int) -> None:
-        """After a per-minute 429: Retry-After if given, else until our minute window has room."""
+    def wait_after_throttle(self, retry_after: float | None, server_limit: int | None,
+                            attempt: int) -> None:
+        """After a per-minute 429: Retry-After if given (the real server sends none), else
+        until our own ledger's minute window is under the server's limit, and never less
+        than the backoff, since other users of the credential count there too."""
         now = self.clock()
         if retry_after is None:
-            frees = window_frees_at(self.ledger.times(), 1, now, MINUTE_S) - now
+            limit = server_limit or max(1, int(self.config.api_rate))
+            frees = window_frees_at(self.ledger.times(), limit, now, MINUTE_S) - now
             retry_after = max(frees, backoff_delay(attempt, self.config.backoff, random.random()))
         wait = min(retry_after, MINUTE_S)
         self.ui.info(f"Freesound says slow down (429); waiting {wait:.0f} s")
@@ -823,7 +833,8 @@ class ApiSession(requests.Session):
     def __init__(self, config: Config, limits: Limits, auth: Auth, ui: Ui,
                  sleep: Callable[[float], None] = time.sleep) -> None:
         super().__init__()
-        self.config, self.limits, self.auth, self.ui, self.sleep = config, limits, auth, ui, sleep
+        # Not `self.auth`: requests.Session uses that name for its own per-request auth.
+        self.config, self.limits, self.oauth, self.ui, self.sleep = config, limits, auth, ui, sleep
         self.headers["User-Agent"] = USER_AGENT
         self.headers["Accept"] = "application/json, */*"
 
@@ -851,12 +862,12 @@ class ApiSession(requests.Session):
             response.close()
             if status == 401 and kind == "download" and not refreshed and _token_expired(response):
                 refreshed = True
-                self.auth.refresh()
+                self.oauth.refresh()
                 continue
             if status == 429 and throttle_kind(detail) == "minute":
                 self._check_attempts(attempt, status, url, detail)
                 retry_after = parse_retry_after(response.headers.get("Retry-After"), time.time())
-                self.limits.wait_after_throttle(retry_after, attempt)
+                self.limits.wait_after_throttle(retry_after, throttle_limit(detail), attempt)
                 continue
             if status in RETRY_STATUSES:
                 self._retry_or_raise(attempt, url, f"HTTP {status}: {detail}", status)
@@ -865,7 +876,7 @@ class ApiSession(requests.Session):
 
     def _authenticate(self, request: requests.PreparedRequest, kind: str) -> None:
         if kind == "download":
-            request.headers["Authorization"] = f"Bearer {self.auth.access_token()}"
+            request.headers["Authorization"] = f"Bearer {self.oauth.access_token()}"
         else:
             request.headers["Authorization"] = f"Token {self.config.client_secret}"
 
@@ -1440,7 +1451,13 @@ def program(config: Config, ui: Ui, stdin) -> ExitCode:
     if config.rate > config.api_rate:
         ui.info(f"note: --rate {config.rate:g} is above --api-rate {config.api_rate:g}; "
                 f"downloads will start at most {config.api_rate:g} a minute")
-    runner = Runner(config, ui, read_line=stdin.readline)
+    def read_line() -> str:
+        line = stdin.readline()
+        if not stdin.isatty():
+            ui.prompt("\n")  # a piped answer is not echoed: end the prompt line ourselves
+        return line
+
+    runner = Runner(config, ui, read_line=read_line)
     if config.login:
         runner.login_only()
         return ExitCode.SUCCESS
@@ -1482,6 +1499,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"{PROG}: error: {exc.strerror or exc}: {exc.filename or ''}", file=sys.stderr)
+        return ExitCode.SOME_FAILED
+    except Exception as exc:  # a bug: say so in one line; --debug shows the traceback
+        if args.debug:
+            raise
+        print(f"{PROG}: error: unexpected {type(exc).__name__}: {exc} (re-run with --debug for details)",
+              file=sys.stderr)
         return ExitCode.SOME_FAILED
     finally:
         signal.signal(signal.SIGTERM, previous)

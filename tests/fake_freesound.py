@@ -1,0 +1,620 @@
+#!/usr/bin/env python3
+"""A fake Freesound API v2 server on loopback, faithful to ../shared/freesound-api.md.
+
+Tests start it in-process (`FakeFreesound().start()`); a newcomer can run it by hand:
+
+    python tests/fake_freesound.py --port 8765
+
+and point the downloader at it with FREESOUND_API_URL=http://127.0.0.1:8765/apiv2.
+
+What it reproduces: the OAuth2 authorize/token endpoints (10-minute single-use codes,
+optional PKCE, rotating refresh tokens, invalid_grant / invalid_client), search with the
+real `next` links and page rules, the `id:(...)` filter and a useful subset of Solr
+filter syntax, sound instances, original downloads (Bearer only, Content-Disposition,
+Range), per-credential rolling throttles with the real 429 bodies and no Retry-After,
+and the real 401/404 bodies. Fault injection: `fake.inject(...)` queues one-shot
+responses for matching requests, `fake.drop_after` cuts download bodies short.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import re
+import secrets
+import threading
+import time
+from base64 import b64decode, urlsafe_b64encode
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
+
+CLIENT_ID = "fakeclientid00000000"
+CLIENT_SECRET = "fake-secret-" + "0" * 28
+CODE_LIFETIME_S = 600
+ACCESS_LIFETIME_S = 86400
+SEARCH_PATHS = ("/apiv2/search/", "/apiv2/search/text/")
+LICENSES = {
+    "Creative Commons 0": "http://creativecommons.org/publicdomain/zero/1.0/",
+    "Attribution": "https://creativecommons.org/licenses/by/4.0/",
+    "Attribution NonCommercial": "https://creativecommons.org/licenses/by-nc/4.0/",
+    "Sampling+": "http://creativecommons.org/licenses/sampling+/1.0/",
+}
+NOT_AUTHENTICATED = "Authentication credentials were not provided."
+QUOTE_SAFE = ",:[]*+()'"
+
+
+def slugify(text: str) -> str:
+    import unicodedata
+    text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+    text = re.sub(r"[^\w\s-]", "", text.lower())
+    return re.sub(r"[-\s]+", "-", text).strip("-_")
+
+
+@dataclass
+class FakeSound:
+    id: int
+    name: str
+    username: str
+    license: str = "Creative Commons 0"  # the licence *name*, as filters match it
+    type: str = "wav"
+    tags: list = field(default_factory=list)
+    description: str = ""
+    duration: float = 1.0
+    samplerate: float = 44100.0
+    bitdepth: int | None = 16
+    channels: int = 2
+    pack_name: str | None = None
+    data: bytes = b""
+    moderated: bool = True  # unmoderated sounds have metadata but answer 404 to downloads
+
+    def as_json(self, base: str, fields: list[str] | None) -> dict:
+        full = {
+            "id": self.id, "url": f"https://freesound.org/people/{self.username}/sounds/{self.id}/",
+            "name": self.name, "tags": self.tags, "description": self.description,
+            "created": "2020-01-02T03:04:05Z", "license": LICENSES.get(self.license, self.license),
+            "type": self.type, "channels": self.channels, "filesize": len(self.data),
+            "bitrate": 0, "bitdepth": self.bitdepth, "duration": self.duration,
+            "samplerate": self.samplerate, "username": self.username, "pack": None,
+            "pack_name": self.pack_name, "download": f"{base}/sounds/{self.id}/download/",
+            "previews": {f"preview-{q}-{f}": f"{base}/previews/{self.id}-{q}.{f}"
+                         for q in ("hq", "lq") for f in ("mp3", "ogg")},
+            "md5": hashlib.md5(self.data).hexdigest(), "num_downloads": 0,
+        }
+        if fields is None:
+            fields = ["id", "name", "tags", "username", "license"]
+        return {key: full[key] for key in fields if key in full}
+
+    def friendly_filename(self) -> str:
+        stem = self.name.rsplit(".", 1)[0] if "." in self.name else self.name
+        return f"{self.id}__{slugify(self.username)}__{slugify(stem)}.{self.type}"
+
+
+def make_sounds(count: int, start_id: int = 1000, size: int = 2048, seed: int = 1) -> list[FakeSound]:
+    """Deterministic small sounds with varied licences, types and tags."""
+    import random
+    rng = random.Random(seed)
+    names = list(LICENSES)
+    sounds = []
+    for n in range(count):
+        sound_id = start_id + n
+        sound_type = ("wav", "flac", "aiff")[n % 3]
+        sounds.append(FakeSound(
+            id=sound_id, name=f"Sound number {sound_id}.{sound_type}", username=f"user{n % 5}",
+            license=names[n % len(names)], type=sound_type,
+            tags=["field-recording", "rain" if n % 2 else "wind"], description=f"Sound {sound_id}",
+            duration=float(1 + n % 30), bitdepth=(16, 24)[n % 2],
+            data=bytes(rng.getrandbits(8) for _ in range(size + n))))
+    return sounds
+
+
+###############################################################################
+# A small Solr filter evaluator: enough of the syntax for the downloader's use #
+###############################################################################
+
+class FilterError(ValueError):
+    pass
+
+
+_CLAUSE_RE = re.compile(
+    r'\s*(?P<op>AND|OR)(?=\s)|\s*(?P<field>[a-z_]+):(?P<value>"[^"]*"|\([^)]*\)|\[[^\]]*\]|[^\s()"\[\]]+)')
+FILTER_FIELDS = {
+    "id": "id", "name": "name", "tag": "tags", "description": "description", "username": "username",
+    "license": "license", "type": "type", "channels": "channels", "samplerate": "samplerate",
+    "bitdepth": "bitdepth", "duration": "duration", "filesize": "filesize", "pack": "pack_name",
+}
+
+
+def _value_matches(actual, raw: str) -> bool:
+    if raw.startswith("("):
+        options = [o.strip() for o in re.split(r"\s+OR\s+", raw[1:-1]) if o.strip()]
+        return any(_value_matches(actual, option) for option in options)
+    if raw.startswith("["):
+        low, _, high = raw[1:-1].partition(" TO ")
+        try:
+            value = float(actual)
+            return ((low.strip() == "*" or value >= float(low)) and (high.strip() == "*" or value <= float(high)))
+        except (TypeError, ValueError):
+            raise FilterError(f"Cannot parse range '{raw}'") from None
+    text = raw[1:-1] if raw.startswith('"') else raw
+    if isinstance(actual, list):
+        return text in actual
+    if isinstance(actual, (int, float)) and not isinstance(actual, bool):
+        try:
+            return float(text) == float(actual)
+        except ValueError:
+            return False
+    return str(actual) == text
+
+
+def compile_filter(text: str):
+    """Return a predicate on FakeSound; space-separated clauses AND, top-level OR ORs."""
+    clauses, pos, any_or = [], 0, False
+    while pos < len(text):
+        if not text[pos:].strip():
+            break
+        match = _CLAUSE_RE.match(text, pos)
+        if not match:
+            raise FilterError(f"org.apache.solr.search.SyntaxError: Cannot parse '{text}'")
+        pos = match.end()
+        if match.group("op"):
+            any_or = any_or or match.group("op") == "OR"
+            continue
+        name = match.group("field")
+        if name not in FILTER_FIELDS:
+            raise FilterError(f"undefined field {name}")
+        clauses.append((FILTER_FIELDS[name], match.group("value")))
+
+    def predicate(sound: FakeSound) -> bool:
+        results = (_value_matches(getattr(sound, attr if attr != "filesize" else "data")
+                                  if attr != "filesize" else len(sound.data), value)
+                   for attr, value in clauses)
+        return any(results) if any_or else all(results)
+    return predicate
+
+
+###############################################################################
+# State ########################################################################
+###############################################################################
+
+@dataclass
+class Grant:
+    client_id: str
+    expires_at: float
+    redirect_uri: str | None
+    challenge: str | None
+    method: str | None
+
+
+@dataclass
+class Injected:
+    method: str
+    path_re: str
+    status: int
+    body: bytes
+    headers: dict
+    times: int
+
+
+class FakeFreesound:
+    def __init__(self, sounds: list[FakeSound] | None = None, *, per_minute: int = 100000,
+                 per_day: int = 100000, client_id: str = CLIENT_ID,
+                 client_secret: str = CLIENT_SECRET, host: str = "127.0.0.1", port: int = 0):
+        self.sounds = {sound.id: sound for sound in (sounds or [])}
+        self.client_id, self.client_secret = client_id, client_secret
+        self.per_minute, self.per_day = per_minute, per_day
+        self.suspended = False
+        self.grants: dict[str, Grant] = {}
+        self.access_tokens: dict[str, dict] = {}   # access -> {"client_id", "expires_at", "refresh"}
+        self.refresh_tokens: dict[str, str] = {}   # refresh -> access (revoked on rotation)
+        self.throttle_log: dict[str, list[float]] = {}
+        self.requests: list[dict] = []
+        self.injected: list[Injected] = []
+        self.drop_after: dict[int, int] = {}      # sound id -> bytes to send before dropping
+        self.download_delay_s = 0.0
+        self.lock = threading.Lock()
+        self._server = ThreadingHTTPServer((host, port), _make_handler(self))
+        self._server.daemon_threads = True
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle ------------------------------------------------------------------
+    @property
+    def origin(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    @property
+    def url(self) -> str:
+        return f"{self.origin}/apiv2"
+
+    def start(self) -> FakeFreesound:
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def __enter__(self) -> FakeFreesound:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- helpers for tests --------------------------------------------------------------
+    def add(self, *sounds: FakeSound) -> None:
+        for sound in sounds:
+            self.sounds[sound.id] = sound
+
+    def issue_code(self, *, challenge: str | None = None, method: str | None = None,
+                   age_s: float = 0.0, redirect_uri: str | None = None) -> str:
+        code = secrets.token_urlsafe(22)[:30]
+        with self.lock:
+            self.grants[code] = Grant(self.client_id, time.time() + CODE_LIFETIME_S - age_s,
+                                      redirect_uri, challenge, method)
+        return code
+
+    def issue_token(self, *, expires_in: float = ACCESS_LIFETIME_S) -> dict:
+        with self.lock:
+            return self._new_token(self.client_id, expires_in)
+
+    def expire_access_tokens(self) -> None:
+        with self.lock:
+            for info in self.access_tokens.values():
+                info["expires_at"] = time.time() - 1
+
+    def inject(self, path_re: str, status: int, body: dict | str | bytes = b"", *,
+               method: str = "GET", headers: dict | None = None, times: int = 1) -> None:
+        """Answer the next `times` requests whose path matches `path_re` with this response."""
+        if isinstance(body, dict):
+            body = json.dumps(body).encode()
+            headers = {"Content-Type": "application/json", **(headers or {})}
+        elif isinstance(body, str):
+            body = body.encode()
+        with self.lock:
+            self.injected.append(Injected(method, path_re, status, body, headers or {}, times))
+
+    def requests_to(self, path_re: str, method: str = "GET") -> list[dict]:
+        return [r for r in self.requests if r["method"] == method and re.search(path_re, r["path"])]
+
+    def downloads(self) -> list[dict]:
+        return self.requests_to(r"/sounds/\d+/download/$")
+
+    # -- internals ---------------------------------------------------------------------
+    def _new_token(self, client_id: str, expires_in: float) -> dict:
+        access, refresh = secrets.token_urlsafe(22)[:30], secrets.token_urlsafe(22)[:30]
+        self.access_tokens[access] = {"client_id": client_id, "expires_at": time.time() + expires_in,
+                                      "refresh": refresh}
+        self.refresh_tokens[refresh] = access
+        return {"access_token": access, "expires_in": ACCESS_LIFETIME_S, "token_type": "Bearer",
+                "scope": "read write", "refresh_token": refresh}
+
+    def _take_injected(self, method: str, path: str) -> Injected | None:
+        with self.lock:
+            for fault in self.injected:
+                if fault.method == method and re.search(fault.path_re, path):
+                    fault.times -= 1
+                    if fault.times <= 0:
+                        self.injected.remove(fault)
+                    return fault
+        return None
+
+    def _throttle(self, client_id: str) -> str | None:
+        """DRF SimpleRateThrottle: sliding logs; throttled requests are not recorded."""
+        if self.suspended:
+            return "Request was throttled because the ApiV2 credential has been suspended"
+        now = time.time()
+        with self.lock:
+            log = [t for t in self.throttle_log.get(client_id, []) if t > now - 86400]
+            if sum(1 for t in log if t > now - 60) >= self.per_minute:
+                return f"Request was throttled because of exceeding a request limit rate ({self.per_minute}/minute)"
+            if len(log) >= self.per_day:
+                return f"Request was throttled because of exceeding a request limit rate ({self.per_day}/day)"
+            log.append(now)
+            self.throttle_log[client_id] = log
+        return None
+
+
+###############################################################################
+# HTTP handler ##################################################################
+###############################################################################
+
+def _make_handler(fake: FakeFreesound):
+    class Handler(_Handler):
+        pass
+    Handler.fake = fake
+    return Handler
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    fake: FakeFreesound
+
+    def log_message(self, *args) -> None:  # keep test output clean
+        pass
+
+    # -- plumbing -----------------------------------------------------------------------
+    def _send(self, status: int, body: bytes = b"", headers: dict | None = None) -> None:
+        self.send_response(status)
+        headers = {"Content-Length": str(len(body)), **(headers or {})}
+        for key, value in headers.items():
+            self.send_header(key, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _json(self, status: int, obj: dict, headers: dict | None = None) -> None:
+        self._send(status, json.dumps(obj).encode(), {"Content-Type": "application/json", **(headers or {})})
+
+    def _html(self, status: int, text: str) -> None:
+        self._send(status, text.encode(), {"Content-Type": "text/html; charset=utf-8"})
+
+    def _log(self, query: dict) -> None:
+        with self.fake.lock:
+            self.fake.requests.append({
+                "method": self.command, "path": urlsplit(self.path).path, "query": query,
+                "headers": dict(self.headers.items()), "at": time.time()})
+
+    def do_GET(self) -> None:
+        self._dispatch()
+
+    def do_POST(self) -> None:
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        parts = urlsplit(self.path)
+        query = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
+        self.form = {}
+        if self.command == "POST":
+            length = int(self.headers.get("Content-Length") or 0)
+            raw = self.rfile.read(length).decode()
+            self.form = {k: v[-1] for k, v in parse_qs(raw, keep_blank_values=True).items()}
+        self._log({**query, **self.form})
+        fault = self.fake._take_injected(self.command, parts.path)
+        if fault is not None:
+            return self._send(fault.status, fault.body, fault.headers)
+        path = parts.path
+        if path == "/apiv2/oauth2/access_token/" and self.command == "POST":
+            return self._token()
+        if re.fullmatch(r"/apiv2/oauth2/authorize/*", path):
+            return self._authorize(query)
+        if path == "/home/app_permissions/permission_granted/":
+            return self._html(200, "<p>Permission granted to application <b>fake</b>!. Your authorization "
+                                   f"code:</p><div style=\"font-size:14px;font-family:'Courier';\">{query.get('code')}</div>")
+        if self.command != "GET":
+            return self._json(405, {"detail": f'Method "{self.command}" not allowed.'})
+        if path in SEARCH_PATHS:
+            return self._authed(False, lambda: self._search(query))
+        match = re.fullmatch(r"/apiv2/sounds/(\d+)/", path)
+        if match:
+            return self._authed(False, lambda: self._sound(int(match.group(1)), query))
+        match = re.fullmatch(r"/apiv2/sounds/(\d+)/download/", path)
+        if match:
+            return self._authed(True, lambda: self._download(int(match.group(1))))
+        if path.startswith("/apiv2/") and not path.endswith("/"):
+            return self._send(301, b"", {"Location": path + "/"})
+        self._html(404, "<h1>Not Found</h1><p>The requested resource was not found on this server.</p>")
+
+    # -- authentication and throttling (DRF: authenticate, then throttle) -----------------
+    def _authed(self, oauth_only: bool, handler) -> None:
+        fake = self.fake
+        auth = self.headers.get("Authorization", "")
+        scheme, _, credential = auth.partition(" ")
+        client_id = None
+        if scheme == "Bearer":
+            info = fake.access_tokens.get(credential)
+            if info is None or info["expires_at"] < time.time():
+                why = "The access token has expired." if info else "The access token is invalid."
+                return self._json(401, {"detail": NOT_AUTHENTICATED}, {
+                    "WWW-Authenticate": f'Bearer realm="api",error="invalid_token",error_description="{why}"'})
+            client_id = info["client_id"]
+        elif scheme == "Token" and not oauth_only:
+            if credential != fake.client_secret:
+                return self._json(401, {"detail": "Invalid token"})
+            client_id = fake.client_id
+        else:
+            return self._json(401, {"detail": NOT_AUTHENTICATED}, {"WWW-Authenticate": 'Bearer realm="api"'})
+        throttled = fake._throttle(client_id)
+        if throttled:
+            return self._json(429, {"detail": throttled})
+        handler()
+
+    # -- OAuth2 ---------------------------------------------------------------------------
+    def _authorize(self, query: dict) -> None:
+        """Auto-approves as a logged-in user, then redirects with code and state."""
+        fake = self.fake
+        if query.get("client_id") != fake.client_id:
+            return self._html(400, "<p>Error: Invalid client_id parameter value.</p>")
+        redirect = query.get("redirect_uri") or f"{fake.origin}/home/app_permissions/permission_granted/"
+        if query.get("response_type") != "code":
+            return self._send(302, b"", {"Location": f"{redirect}?error=unsupported_response_type"})
+        challenge = query.get("code_challenge")
+        code = fake.issue_code(challenge=challenge, method=query.get("code_challenge_method") or
+                               ("plain" if challenge else None), redirect_uri=query.get("redirect_uri"))
+        params = {"code": code, **({"state": query["state"]} if "state" in query else {})}
+        self._send(302, b"", {"Location": f"{redirect}?{urlencode(params)}"})
+
+    def _client_auth(self) -> str | None:
+        """Public client: client_id alone is enough; a secret, if sent, must be right."""
+        fake, form = self.fake, self.form
+        client_id, secret = form.get("client_id"), form.get("client_secret")
+        basic = self.headers.get("Authorization", "")
+        if basic.startswith("Basic "):
+            client_id, _, secret = b64decode(basic[6:]).decode().partition(":")
+        if client_id != fake.client_id or (secret is not None and secret != fake.client_secret):
+            return None
+        return client_id
+
+    def _token(self) -> None:
+        fake, form = self.fake, self.form
+        client_id = self._client_auth()
+        if client_id is None:
+            return self._json(401, {"error": "invalid_client"}, {"WWW-Authenticate": 'Bearer error="invalid_client"'})
+        grant_type = form.get("grant_type")
+        with fake.lock:
+            if grant_type == "authorization_code":
+                return self._code_grant(client_id)
+            if grant_type == "refresh_token":
+                access = fake.refresh_tokens.pop(form.get("refresh_token", ""), None)
+                if access is None:
+                    return self._json(400, {"error": "invalid_grant"})
+                fake.access_tokens.pop(access, None)  # rotation revokes the old pair
+                return self._json(200, fake._new_token(client_id, ACCESS_LIFETIME_S))
+        if grant_type in ("password", "client_credentials", "implicit"):
+            return self._json(400, {"error": "unauthorized_client"})
+        self._json(400, {"error": "unsupported_grant_type"})
+
+    def _code_grant(self, client_id: str) -> None:
+        fake, form = self.fake, self.form
+        if "code" not in form:
+            return self._json(400, {"error": "invalid_request", "error_description": "Missing code parameter."})
+        grant = fake.grants.pop(form["code"], None)  # single use
+        if grant is None or grant.expires_at < time.time() or grant.client_id != client_id:
+            return self._json(400, {"error": "invalid_grant"})
+        if grant.challenge:
+            verifier = form.get("code_verifier")
+            if not verifier:
+                return self._json(400, {"error": "invalid_request", "error_description": "Code verifier required."})
+            expected = verifier if grant.method == "plain" else urlsafe_b64encode(
+                hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
+            if expected != grant.challenge:
+                return self._json(400, {"error": "invalid_grant"})
+        if grant.redirect_uri and form.get("redirect_uri") not in (None, grant.redirect_uri):
+            return self._json(400, {"error": "invalid_request", "error_description": "Mismatching redirect URI."})
+        self._json(200, fake._new_token(client_id, ACCESS_LIFETIME_S))
+
+    # -- search ---------------------------------------------------------------------------
+    def _search(self, query: dict) -> None:
+        fake = self.fake
+        text = unquote(query.get("query", "")).strip().strip("\"'").strip()
+        filter_text = unquote(query["filter"]) if "filter" in query else None
+        if filter_text is not None and not filter_text.strip():
+            return self._json(400, {"detail": "Invalid filter."})
+        try:
+            predicate = compile_filter(filter_text) if filter_text else (lambda sound: True)
+        except FilterError as exc:
+            return self._json(400, {"detail": "Search server error: Solr responded with an error (HTTP 400): "
+                                              f"[Reason: {exc}] (please check that your filter syntax and "
+                                              "field names are correct)"})
+        page = _int(query.get("page"), 1)
+        page_size = min(_int(query.get("page_size"), 15), 150)
+        if page < 1 or page_size < 1:
+            return self._json(404, {"detail": "Not found"})
+        words = text.lower().split()
+        hits = [s for s in fake.sounds.values() if predicate(s) and all(_text_match(s, w) for w in words)]
+        hits = _sort(hits, query.get("sort", "score"))
+        count = len(hits)
+        if count and page > math.ceil(count / page_size):
+            return self._json(404, {"detail": "Not found"})
+        fields = query.get("fields")
+        field_list = fields.split(",") if fields else None
+        results = [s.as_json(fake.url, field_list) for s in hits[(page - 1) * page_size: page * page_size]]
+        more = page * page_size < count
+        link = self._search_link(text=query.get("query", ""), filter_text=query.get("filter"),
+                                 sort=query.get("sort"), page_size=page_size, fields=fields)
+        self._json(200, {"count": count, "previous": link(page - 1) if page > 1 else None,
+                         "next": link(page + 1) if more else None, "results": results})
+
+    def _search_link(self, *, text, filter_text, sort, page_size, fields):
+        """forms.construct_link: '?&query=..&filter=..&weights=&sort=..&page=..&page_size=..&fields=..'."""
+        def link(page: int) -> str:
+            out = f"?&query={quote(text, safe=QUOTE_SAFE)}"
+            if filter_text:
+                out += f"&filter={quote(filter_text, safe=QUOTE_SAFE)}"
+            out += "&weights="
+            if sort and sort != "score":
+                out += f"&sort={sort}"
+            out += f"&page={page}"
+            if page_size != 15:
+                out += f"&page_size={page_size}"
+            if fields:
+                out += f"&fields={quote(fields, safe=QUOTE_SAFE)}"
+            return f"{self.fake.url}/search/{out}"
+        return link
+
+    def _sound(self, sound_id: int, query: dict) -> None:
+        sound = self.fake.sounds.get(sound_id)
+        if sound is None:
+            return self._json(404, {"detail": "No Sound matches the given query."})
+        fields = query.get("fields")
+        default = ["id", "url", "name", "tags", "description", "created", "license", "type", "channels",
+                   "filesize", "bitrate", "bitdepth", "duration", "samplerate", "username", "pack",
+                   "pack_name", "download", "previews", "num_downloads", "md5"]
+        self._json(200, sound.as_json(self.fake.url, fields.split(",") if fields else default))
+
+    # -- download ---------------------------------------------------------------------------
+    def _download(self, sound_id: int) -> None:
+        fake = self.fake
+        sound = fake.sounds.get(sound_id)
+        if sound is None or not sound.moderated:
+            return self._json(404, {"detail": "Not found"})
+        data, start = sound.data, 0
+        headers = {"Content-Type": "application/octet-stream",
+                   "Content-Disposition": f'attachment; filename="{sound.friendly_filename()}"',
+                   "Accept-Ranges": "bytes"}
+        match = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", "").strip())
+        status = 200
+        if match:
+            start = int(match.group(1))
+            if start >= len(data):
+                return self._send(416, b"", {"Content-Range": f"bytes */{len(data)}"})
+            status = 206
+            headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
+        body = data[start:]
+        self.send_response(status)
+        for key, value in {**headers, "Content-Length": str(len(body))}.items():
+            self.send_header(key, value)
+        self.end_headers()
+        if fake.download_delay_s:
+            time.sleep(fake.download_delay_s)
+        cut = fake.drop_after.pop(sound_id, None)
+        if cut is not None:
+            self.wfile.write(body[:cut])
+            self.wfile.flush()
+            self.close_connection = True
+            return
+        self.wfile.write(body)
+
+
+def _int(value: str | None, default: int) -> int:
+    try:
+        return int(value) if value is not None else default
+    except ValueError:
+        return default
+
+
+def _text_match(sound: FakeSound, word: str) -> bool:
+    haystack = " ".join([sound.name, sound.description, sound.username, str(sound.id), *sound.tags]).lower()
+    return word in haystack
+
+
+def _sort(hits: list[FakeSound], sort: str) -> list[FakeSound]:
+    keys = {"duration": lambda s: s.duration, "created": lambda s: s.id, "downloads": lambda s: 0,
+            "rating": lambda s: 0}
+    field_name, _, direction = sort.rpartition("_")
+    if field_name in keys and direction in ("asc", "desc"):
+        return sorted(hits, key=keys[field_name], reverse=direction == "desc")
+    return sorted(hits, key=lambda s: s.id)  # "score", and unknown values fall back to it
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--sounds", type=int, default=20, help="how many fake sounds to serve")
+    args = parser.parse_args()
+    fake = FakeFreesound(make_sounds(args.sounds), port=args.port)
+    print(f"Fake Freesound at {fake.url} with {args.sounds} sounds (ids 1000-{999 + args.sounds}).\n"
+          f"  export FREESOUND_API_URL={fake.url}\n"
+          f"  export FREESOUND_CLIENT_ID={fake.client_id}\n"
+          f"  export FREESOUND_CLIENT_SECRET={fake.client_secret}\n"
+          f"  export FREESOUND_STATE_DIR=/tmp/fake-freesound-state\n"
+          f"  python download_freesound_library.py -q rain -o /tmp/fake-sounds --rate 600\n"
+          "When it asks, open the URL it prints (curl -si URL shows the redirect with the code), "
+          "or paste this ready code (valid 10 minutes, once): " + fake.issue_code(), flush=True)
+    fake._server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,320 @@
+"""Unit tests for the pure parts: parsing, names, licences, pacing arithmetic, ledger
+windows, metadata merge and attribution. Time is always a number passed in."""
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import pytest
+
+import download_freesound_library as dl
+
+# -- sound references and ID lists ----------------------------------------------------
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("123", 123),
+    ("  42 ", 42),
+    ("https://freesound.org/s/123/", 123),
+    ("https://freesound.org/s/123", 123),
+    ("http://www.freesound.org/s/7/", 7),
+    ("https://freesound.org/people/Some_User/sounds/98765/", 98765),
+    ("https://freesound.org/people/x/sounds/5/#comments", 5),
+    ("0", None),                       # not a sound id
+    ("12a", None),
+    ("-5", None),
+    ("https://example.com/s/123/", None),
+    ("https://freesound.org/people/x/packs/5/", None),  # a pack, not a sound
+    ("١٢٣", None),                     # Arabic-Indic digits pass str.isdigit, not ours
+])
+def test_parse_sound_ref(text, expected):
+    assert dl.parse_sound_ref(text) == expected
+
+
+def test_parse_id_lines_skips_comments_and_blanks_and_collapses_duplicates():
+    lines = ["# my favourites", "", "3", "https://freesound.org/s/1/  # rain", "3", "  ",
+             "https://freesound.org/people/a/sounds/2/", "1"]
+    assert dl.parse_id_lines(lines, "ids.txt") == [3, 1, 2]
+
+
+def test_parse_id_lines_names_the_file_and_line_of_a_bad_line():
+    with pytest.raises(dl.UsageError, match=r"ids\.txt, line 3: .*'hello'"):
+        dl.parse_id_lines(["1", "# fine", "hello"], "ids.txt")
+
+
+def test_id_filter_and_batches():
+    assert dl.id_filter([1, 22, 333]) == "id:(1 OR 22 OR 333)"
+    assert [len(b) for b in dl.batched(list(range(301)), 150)] == [150, 150, 1]
+
+
+# -- file names -------------------------------------------------------------------------
+
+def _sound(**kw):
+    return {"id": 1234, "username": "some user", "name": "My Sound.wav", "type": "wav", **kw}
+
+
+@pytest.mark.parametrize("sound, expected", [
+    (_sound(), "1234__some-user__my-sound.wav"),                        # Freesound's own convention
+    (_sound(name="Café Crème.aiff", type="aiff"), "1234__some-user__cafe-creme.aiff"),
+    (_sound(name="../../etc/passwd"), "1234__some-user__etcpasswd.wav"),
+    (_sound(username="..\\evil:/", name="a\x00b\x1fc"), "1234__evil__ab-c.wav"),  # \x1f is whitespace
+    (_sound(name="CON", username="NUL"), "1234__nul__con.wav"),          # id prefix: never reserved
+    (_sound(name="trailing. . "), "1234__some-user__trailing.wav"),
+    (_sound(name="日本語"), "1234__some-user__.wav"),                     # as Freesound's slug does
+    (_sound(type="../x"), "1234__some-user__my-sound.x"),
+])
+def test_sound_filename_is_safe(sound, expected):
+    assert dl.sound_filename(sound) == expected
+
+
+@pytest.mark.parametrize("name, username", [("n" * 400, "u"), ("é" * 300, "ü" * 300), ("x", "y" * 400)])
+def test_sound_filename_fits_255_bytes_even_as_a_part_file(name, username):
+    file_name = dl.sound_filename(_sound(name=name, username=username))
+    assert len((file_name + dl.PART_SUFFIX).encode("utf-8")) <= 255
+    assert file_name.startswith("1234__") and file_name.endswith(".wav")
+
+
+# -- licences ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("value, expected", [
+    ("http://creativecommons.org/publicdomain/zero/1.0/", "CC0 1.0"),
+    ("https://creativecommons.org/licenses/by/4.0/", "CC BY 4.0"),
+    ("http://creativecommons.org/licenses/by/3.0/", "CC BY 3.0"),
+    ("https://creativecommons.org/licenses/by-nc/4.0/", "CC BY-NC 4.0"),
+    ("http://creativecommons.org/licenses/sampling+/1.0/", "Sampling+ 1.0"),
+    ("Attribution NonCommercial", "CC BY-NC"),   # a licence name, as the docs claim it returns
+    ("Creative Commons 0", "CC0"),
+    ("", "unknown licence"),
+])
+def test_license_name(value, expected):
+    assert dl.license_name(value) == expected
+
+
+# -- URLs, origins, state folder ----------------------------------------------------------
+
+@pytest.mark.parametrize("url, expected", [
+    ("https://freesound.org/apiv2/sounds/12/download/", ("download", 12)),
+    ("https://freesound.org/apiv2/sounds/12/", ("api", None)),
+    ("https://freesound.org/apiv2/search/?filter=x", ("api", None)),
+    ("https://freesound.org/apiv2/sounds/12/download/link/", ("api", None)),
+])
+def test_classify_request(url, expected):
+    assert dl.classify_request(url, "https://freesound.org/apiv2") == expected
+
+
+@pytest.mark.parametrize("url, allowed", [
+    ("https://freesound.org/apiv2", True),
+    ("http://127.0.0.1:8000/apiv2", True),
+    ("http://localhost:8000/apiv2", True),
+    ("http://[::1]:8000/apiv2", True),
+    ("http://freesound.org/apiv2", False),
+    ("http://10.0.0.1/apiv2", False),
+    ("ftp://freesound.org/apiv2", False),
+])
+def test_check_api_base_allows_plain_http_only_on_loopback(url, allowed):
+    if allowed:
+        assert dl.check_api_base(url + "/") == url
+    else:
+        with pytest.raises(dl.UsageError):
+            dl.check_api_base(url)
+
+
+def test_origin_treats_default_ports_alike():
+    assert dl.origin("https://freesound.org/apiv2/x") == dl.origin("https://FREESOUND.org:443/y")
+    assert dl.origin("https://freesound.org/") != dl.origin("https://evil.example/")
+
+
+@pytest.mark.parametrize("platform, environ, expected", [
+    ("linux", {}, "/home/u/.config/freesound-downloader"),
+    ("linux", {"XDG_CONFIG_HOME": "/x"}, "/x/freesound-downloader"),
+    ("darwin", {}, "/home/u/Library/Application Support/freesound-downloader"),
+    ("win32", {"APPDATA": "/appdata"}, "/appdata/freesound-downloader"),
+])
+def test_default_state_dir(platform, environ, expected):
+    assert dl.default_state_dir(platform, environ, Path("/home/u")) == Path(expected)
+
+
+# -- pacing, windows, retries -------------------------------------------------------------
+
+@pytest.mark.parametrize("last, interval, now, expected", [
+    (None, 2.0, 100.0, 0.0),     # first request ever
+    (99.0, 2.0, 100.0, 1.0),     # started 1 s ago: wait the rest of the interval
+    (95.0, 2.0, 100.0, 0.0),     # a slow download used the interval up: no extra sleep
+    (100.0, 2.0, 100.0, 2.0),
+])
+def test_pacing_delay_is_start_to_start(last, interval, now, expected):
+    assert dl.pacing_delay(last, interval, now) == pytest.approx(expected)
+
+
+def test_window_counts_only_the_rolling_window():
+    times = [0.0, 10.0, 50.0, 70.0]
+    assert dl.times_in_window(times, now=80.0, window_s=60.0) == [50.0, 70.0]
+    assert dl.window_frees_at(times, limit=3, now=80.0, window_s=60.0) == 80.0   # room now
+    # limit 2 is full; the oldest inside (50) leaves at 110
+    assert dl.window_frees_at(times, limit=2, now=80.0, window_s=60.0) == 110.0
+    # limit 1: the window frees when all but the newest are gone: 70 + 60
+    assert dl.window_frees_at(times, limit=1, now=80.0, window_s=60.0) == 130.0
+
+
+def test_backoff_grows_exponentially_with_bounded_jitter():
+    assert [dl.backoff_delay(n, 1.0, rand=0.0) for n in (1, 2, 3, 4)] == [0.5, 1.0, 2.0, 4.0]
+    assert [dl.backoff_delay(n, 1.0, rand=0.999) for n in (1, 2)] == pytest.approx([1.0, 2.0], abs=0.01)
+    assert dl.backoff_delay(30, 1.0, rand=0.999) <= dl.BACKOFF_MAX_S
+
+
+@pytest.mark.parametrize("value, expected", [
+    (None, None),
+    ("", None),
+    ("7", 7.0),
+    ("100000", dl.RETRY_AFTER_MAX_S),                       # capped
+    ("Thu, 01 Jan 1970 00:00:30 GMT", 20.0),                 # HTTP-date, now = 10
+    ("Thu, 01 Jan 1970 00:00:05 GMT", 0.0),                  # in the past: no wait
+    ("soon", None),
+])
+def test_parse_retry_after(value, expected):
+    assert dl.parse_retry_after(value, now=10.0) == expected
+
+
+@pytest.mark.parametrize("detail, kind, limit", [
+    ("Request was throttled because of exceeding a request limit rate (60/minute)", "minute", 60),
+    ("Request was throttled because of exceeding a request limit rate (2000/day)", "day", 2000),
+    ("Request was throttled because the ApiV2 credential has been suspended", "suspended", None),
+])
+def test_throttle_kind(detail, kind, limit):
+    assert dl.throttle_kind(detail) == kind
+    assert dl.throttle_limit(detail) == limit
+
+
+@pytest.mark.parametrize("new, cap, used, runs", [
+    (0, 500, 0, 0),
+    (10, 500, 0, 1),
+    (500, 500, 0, 1),
+    (501, 500, 0, 2),
+    (2000, 500, 0, 4),
+    (100, 500, 450, 2),    # 50 today, 50 tomorrow
+    (100, 500, 500, 1),    # nothing today; one more daily run
+])
+def test_runs_needed(new, cap, used, runs):
+    assert dl.runs_needed(new, cap, used) == runs
+
+
+# -- metadata and attribution ---------------------------------------------------------------
+
+API_SOUND = {"id": 7, "name": "Rain.wav", "username": "ann", "type": "wav", "filesize": 10, "md5": "x",
+             "license": "https://creativecommons.org/licenses/by-nc/4.0/", "tags": ["rain"],
+             "description": "d", "pack_name": None, "created": "2020-01-01T00:00:00Z",
+             "duration": 1.5, "samplerate": 44100.0, "bitdepth": 16, "channels": 2}
+
+
+def test_metadata_entry_has_every_documented_key():
+    entry = dl.metadata_entry(API_SOUND, "7__ann__rain.wav", "2026-01-01T00:00:00.000000Z")
+    assert {"id", "name", "username", "license", "license_name", "url", "duration", "samplerate",
+            "bitdepth", "channels", "type", "filesize", "md5", "tags", "description", "pack_name",
+            "created", "file", "downloaded_at"} <= set(entry)
+    assert entry["license_name"] == "CC BY-NC 4.0"
+    assert entry["url"] == "https://freesound.org/s/7/"
+
+
+def test_merge_metadata_adds_sorted_updates_in_place_and_keeps_user_keys():
+    old = [{"id": 9, "name": "b"}, {"id": 2, "name": "a", "my_note": "keep me"}]
+    merged = dl.merge_metadata(old, {"id": 2, "name": "a2"})
+    assert merged == [{"id": 2, "name": "a2", "my_note": "keep me"}, {"id": 9, "name": "b"}]
+    merged = dl.merge_metadata(merged, {"id": 5, "name": "c"})
+    assert [e["id"] for e in merged] == [2, 5, 9]
+
+
+def test_attribution_groups_by_licence_with_the_credit_header():
+    entries = [
+        dl.metadata_entry({**API_SOUND, "id": 3, "license": "http://creativecommons.org/publicdomain/zero/1.0/"}, "f", "t"),
+        dl.metadata_entry(API_SOUND, "f", "t"),
+        dl.metadata_entry({**API_SOUND, "id": 1, "name": "Wind", "username": "bo",
+                           "license": "https://creativecommons.org/licenses/by/4.0/"}, "f", "t"),
+    ]
+    text = dl.attribution_text(entries)
+    assert "may not be used commercially" in text and "require credit" in text
+    assert text.index("CC0 1.0 (1 sound)") < text.index("CC BY 4.0 (1 sound)") < text.index("CC BY-NC 4.0")
+    assert '"Wind" by bo (https://freesound.org/s/1/) licensed under CC BY 4.0\n' in text
+    assert '"Rain.wav" by ann (https://freesound.org/s/7/) licensed under CC BY-NC 4.0\n' in text
+
+
+# -- OAuth2 helpers --------------------------------------------------------------------------
+
+def test_parse_pasted_code_accepts_a_bare_code_or_the_redirect_url():
+    assert dl.parse_pasted_code("  abc123 \n", "s1") == "abc123"
+    url = "https://freesound.org/home/app_permissions/permission_granted/?code=abc123&state=s1"
+    assert dl.parse_pasted_code(url, "s1") == "abc123"
+
+
+@pytest.mark.parametrize("pasted, message", [
+    ("https://x/?code=abc&state=other", "state does not match"),
+    ("https://x/?code=abc", "state does not match"),
+    ("https://x/?error=access_denied&state=s1", "access_denied"),
+    ("https://x/?state=s1", "no 'code'"),
+])
+def test_parse_pasted_code_rejects_bad_urls(pasted, message):
+    with pytest.raises(dl.AuthError, match=message):
+        dl.parse_pasted_code(pasted, "s1")
+
+
+def test_pkce_challenge_is_the_s256_of_the_verifier():
+    import base64
+    import hashlib
+    verifier, challenge = dl.pkce_pair()
+    assert 43 <= len(verifier) <= 128
+    expected = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
+    assert challenge == expected
+
+
+# -- files: atomic writes, ledger, token store ---------------------------------------------------
+
+def test_write_json_atomic_replaces_and_leaves_no_temporary_file(tmp_path):
+    path = tmp_path / "m.json"
+    dl.write_json_atomic(path, [1])
+    dl.write_json_atomic(path, [{"id": 2, "name": "é"}])
+    assert path.read_text(encoding="utf-8").startswith('[\n  {\n    "id": 2')
+    assert [p.name for p in tmp_path.iterdir()] == ["m.json"]
+
+
+def test_load_metadata_refuses_invalid_json_and_keeps_the_file(tmp_path):
+    path = tmp_path / "metadata.json"
+    path.write_text("[{\"id\": 1}, ")
+    with pytest.raises(dl.UsageError, match="not valid metadata"):
+        dl.load_metadata(path)
+    assert path.read_text() == "[{\"id\": 1}, "
+
+
+def test_ledger_skips_a_torn_last_line_and_counts_only_its_client(tmp_path):
+    path = tmp_path / "ledger.jsonl"
+    path.write_text('{"at": "2026-01-01T00:00:00Z", "client_id": "a", "kind": "api"}\n'
+                    '{"at": "2026-01-01T00:00:01Z", "client_id": "b", "kind": "download", "sound_id": 1}\n'
+                    '{"at": "2026-01-01T00:00:02Z", "client_id": "a", "kind": "download", "sound_id": 2}\n'
+                    '{"at": "2026-01-01T00:0')
+    warnings = []
+    ledger = dl.Ledger(path, "a", warnings.append)
+    assert len(ledger.times()) == 2 and len(ledger.times("download")) == 1
+    assert warnings and "line 4" in warnings[0]
+
+
+def test_ledger_record_writes_the_documented_row(tmp_path):
+    ledger = dl.Ledger(tmp_path / "ledger.jsonl", "cid", print)
+    ledger.record("download", 0.0, sound_id=5)
+    row = __import__("json").loads((tmp_path / "ledger.jsonl").read_text())
+    assert row == {"at": "1970-01-01T00:00:00.000000Z", "client_id": "cid", "kind": "download", "sound_id": 5}
+
+
+def test_token_store_is_private_and_checks_the_client_id(tmp_path):
+    store = dl.TokenStore(tmp_path / "state" / "token.json", "cid")
+    token = store.save({"access_token": "a", "refresh_token": "r", "expires_in": 86400,
+                        "token_type": "Bearer", "scope": "read write"}, now=1000.0)
+    assert token["expires_at"] == 87400.0 and token["client_id"] == "cid"
+    assert (tmp_path / "state" / "token.json").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "state").stat().st_mode & 0o777 == 0o700
+    warnings = []
+    assert dl.TokenStore(store.path, "other").load(warnings.append) is None
+    assert "another client id" in warnings[0]
+
+
+def test_format_utc():
+    moment = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)
+    assert dl.format_utc(moment) == "2026-01-02 03:04:05 UTC"
+    assert dl.format_utc(moment.timestamp()) == "2026-01-02 03:04:05 UTC"
