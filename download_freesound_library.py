@@ -1338,9 +1338,15 @@ class Runner:
 ###############################################################################
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:
+        """One line, like every other error here (argparse would print the whole usage too)."""
+        self.exit(ExitCode.USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     doc = __doc__ or ""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG, description=doc.split("\n\n")[0],
         epilog=doc[doc.index("Examples:"):] + "\nDocumentation: README.md",
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1479,6 +1485,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # argparse's own usage errors already printed their line
         return ExitCode.USAGE if exc.code else ExitCode.SUCCESS
     ui = Ui(sys.stderr, quiet=args.quiet)
+    if args.client_secret:
+        ui.warn(f"--client-secret is visible to other users of this machine (ps); prefer ${ENV_CLIENT_SECRET}")
     previous = signal.signal(signal.SIGTERM, _raise_terminated)  # main thread only, like Ctrl-C
     try:
         config = config_from_args(args, dict(os.environ), sys.stdin)

@@ -54,7 +54,8 @@ class Env:
 
     def run(self, *args: str, stdin: str = "", fast: bool = True, env: dict | None = None,
             timeout: float = 60) -> Result:
-        argv = [sys.executable, str(SCRIPT), *args, "--output-dir", str(self.out), *(FAST if fast else [])]
+        # FAST first, so that a test's own --rate etc. wins (argparse keeps the last).
+        argv = [sys.executable, str(SCRIPT), *(FAST if fast else []), "--output-dir", str(self.out), *args]
         proc = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=timeout,
                               env={**self.environ, **(env or {})})
         assert_no_secrets(self.fake, proc.stdout, proc.stderr)
