@@ -129,6 +129,7 @@ class FreesoundDownloadError(Exception):
      ├── AuthError                 3  credentials, login, token refresh, suspension
      ├── ApiError(status, url)     1  a request failed for good (after retries)
      └── DownloadError(sound_id)   -  one sound failed; counted, the run goes on
+          └── CorruptDownload      -  wrong size or md5: discarded, fetched once more
     DailyLimitReached              4  control flow: stop cleanly, re-run later
     Terminated                     143 SIGTERM, handled like Ctrl-C
     """
@@ -154,6 +155,14 @@ class DownloadError(FreesoundDownloadError):
     def __init__(self, sound_id: int, reason: str) -> None:
         self.sound_id, self.reason = sound_id, reason
         super().__init__(f"sound {sound_id}: {reason}")
+
+
+class CorruptDownload(DownloadError):
+    """The bytes arrived but are not the sound: worth one more try from scratch."""
+
+
+class LoginExpired(AuthError):
+    """The refresh token was rejected (revoked, or rotated by another run): log in again."""
 
 
 class DailyLimitReached(FreesoundDownloadError):
@@ -694,8 +703,8 @@ class Auth:
             return
         try:
             self.token = self._token_request(grant_type="refresh_token", refresh_token=refresh_token)
-        except AuthError:
-            self.ui.warn("the saved login has expired or was revoked; a new login is needed")
+        except LoginExpired as exc:
+            self.ui.warn(f"{exc}; a new login is needed")
             self.token = None
             self.login()
 
@@ -742,6 +751,8 @@ class Auth:
                     self.token_url, client_secret=self.config.client_secret,
                     include_client_id=True, timeout=timeout, **extra)
         except OAuth2Error as exc:
+            if exc.error == "invalid_grant" and params["grant_type"] == "refresh_token":
+                raise LoginExpired("the saved login has expired or was revoked") from None
             raise AuthError(_oauth_error_message(exc.error, params["grant_type"] or "")) from None
         except requests.RequestException as exc:
             raise AuthError(f"could not reach the Freesound token endpoint: {type(exc).__name__}") from None
@@ -806,6 +817,12 @@ class Limits:
             self.sleep(wait)
         self.ledger.record(kind, self.clock(), sound_id)
 
+    def day_frees_estimate(self) -> dt.datetime:
+        """After a server 429 (N/day): our oldest request in the window leaving is the best guess."""
+        now = self.clock()
+        inside = times_in_window(self.ledger.times(), now, DAY_S)
+        return dt.datetime.fromtimestamp((inside[0] if inside else now) + DAY_S, dt.timezone.utc)
+
     def wait_after_throttle(self, retry_after: float | None, server_limit: int | None,
                             attempt: int) -> None:
         """After a per-minute 429: Retry-After if given (the real server sends none), else
@@ -864,9 +881,12 @@ class ApiSession(requests.Session):
                 refreshed = True
                 self.oauth.refresh()
                 continue
+            if status == 429 and throttle_kind(detail) == "day":
+                raise DailyLimitReached(f"Freesound's own daily limit ({detail})",
+                                        self.limits.day_frees_estimate())
             if status == 429 and throttle_kind(detail) == "minute":
                 self._check_attempts(attempt, status, url, detail)
-                retry_after = parse_retry_after(response.headers.get("Retry-After"), time.time())
+                retry_after = parse_retry_after(response.headers.get("Retry-After"), self.limits.clock())
                 self.limits.wait_after_throttle(retry_after, throttle_limit(detail), attempt)
                 continue
             if status in RETRY_STATUSES:
@@ -909,10 +929,8 @@ def response_detail(response: requests.Response) -> str:
 
 def api_error(status: int, url: str, detail: str, kind: str) -> FreesoundDownloadError:
     """The error a final, non-retryable HTTP status means to the user."""
-    if status == 429:
-        if throttle_kind(detail) == "suspended":
-            return AuthError(f"Freesound: {detail}")
-        return DailyLimitReached(f"Freesound's own daily limit ({detail})", None)
+    if status == 429:  # the per-day and per-minute kinds are handled in send()
+        return AuthError(f"Freesound: {detail}")
     if status == 401:
         what = "OAuth2 login" if kind == "download" else f"API key ({ENV_CLIENT_SECRET})"
         return AuthError(f"Freesound rejected the {what}: {detail}")
@@ -1001,13 +1019,18 @@ class Api:
 _CONTENT_RANGE_RE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
 
-def resumed_offset(response: requests.Response, offset: int) -> int:
-    """Where the body starts: `offset` for a valid 206, 0 for a 200 (server ignored Range)."""
-    if response.status_code != 206:
+def resumed_offset(status: int, content_range: str | None, offset: int, size: int) -> int:
+    """Where the body starts: `offset` for a valid 206, 0 for a 200 (server ignored Range).
+
+    RFC 9110 §14.4: a 206 must say `bytes <first>-<last>/<complete length>`; we asked for
+    `bytes=<offset>-`, so first must be our offset and the length the sound's size.
+    """
+    if status != 206:
         return 0
-    match = _CONTENT_RANGE_RE.fullmatch(response.headers.get("Content-Range", "").strip())
-    if not match or int(match.group(1)) != offset:
-        raise ValueError(f"unexpected Content-Range {response.headers.get('Content-Range')!r}")
+    match = _CONTENT_RANGE_RE.fullmatch((content_range or "").strip())
+    if (not match or int(match.group(1)) != offset
+            or (size and match.group(3) != "*" and int(match.group(3)) != size)):
+        raise ValueError(f"unexpected Content-Range {content_range!r}")
     return offset
 
 
@@ -1036,9 +1059,11 @@ def download_to(api: Api, sound: dict, dest: Path, ui: Ui) -> None:
             if response.headers.get("Content-Type", "").startswith("text/html"):
                 raise DownloadError(sound_id, "got an HTML page instead of the audio file")
             try:
-                offset = resumed_offset(response, offset)
+                offset = resumed_offset(response.status_code, response.headers.get("Content-Range"),
+                                        offset, size)
             except ValueError as exc:
-                raise DownloadError(sound_id, str(exc)) from None
+                part.unlink(missing_ok=True)  # start over rather than trust what we have
+                raise CorruptDownload(sound_id, str(exc)) from None
             # Hash while streaming; only a resumed file's existing bytes are read back.
             digest = hash_file(part) if offset else hashlib.md5()
             _write_body(response, part, offset, digest, size, ui, dest.name)
@@ -1049,7 +1074,13 @@ def _write_body(response: requests.Response, part: Path, offset: int,
                 digest: hashlib._Hash, size: int, ui: Ui, label: str) -> None:
     with part.open("ab" if offset else "wb") as handle, ui.file_progress(label, size, offset) as bar:
         for chunk in response.iter_content(CHUNK_SIZE_BYTES):
-            handle.write(chunk)
+            try:
+                handle.write(chunk)
+            except OSError as exc:  # disk full, quota, folder gone: nothing later can succeed
+                handle.close()
+                part.unlink(missing_ok=True)
+                raise UsageError(f"cannot write {part}: {exc.strerror or exc}; the files and metadata "
+                                 "downloaded so far are kept") from None
             digest.update(chunk)
             bar(len(chunk))
 
@@ -1058,13 +1089,12 @@ def _verify_and_finalize(sound: dict, part: Path, dest: Path, md5_hex: str) -> N
     sound_id, size = int(sound["id"]), int(sound.get("filesize") or 0)
     actual = part.stat().st_size
     if size and actual != size:
-        if actual > size:
-            part.unlink()
-        raise DownloadError(sound_id, f"size mismatch: got {actual} bytes, expected {size}")
+        part.unlink()
+        raise CorruptDownload(sound_id, f"size mismatch: got {actual} bytes, expected {size}")
     expected_md5 = (sound.get("md5") or "").lower()
     if expected_md5 and md5_hex != expected_md5:
         part.unlink()
-        raise DownloadError(sound_id, "md5 mismatch: the file was corrupted in transit")
+        raise CorruptDownload(sound_id, "md5 mismatch: the file was corrupted in transit")
     os.replace(part, dest)
 
 
@@ -1324,8 +1354,8 @@ class Runner:
             except (requests.ConnectionError, requests.Timeout,
                     requests.exceptions.ChunkedEncodingError) as exc:
                 reason = f"connection lost mid-download ({type(exc).__name__})"
-            except DownloadError as exc:
-                if "mismatch" not in exc.reason or attempt >= 2:
+            except CorruptDownload as exc:
+                if attempt >= 2:
                     raise
                 reason = exc.reason
             if attempt > self.config.retries:

@@ -23,6 +23,7 @@ import json
 import math
 import re
 import secrets
+import string
 import threading
 import time
 from base64 import b64decode, urlsafe_b64encode
@@ -43,6 +44,11 @@ LICENSES = {
 }
 NOT_AUTHENTICATED = "Authentication credentials were not provided."
 QUOTE_SAFE = ",:[]*+()'"
+
+
+def generate_token(length: int = 30) -> str:
+    """oauthlib's generate_token: ASCII letters and digits, as Freesound's codes and tokens."""
+    return "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(length))
 
 
 def slugify(text: str) -> str:
@@ -250,7 +256,7 @@ class FakeFreesound:
 
     def issue_code(self, *, challenge: str | None = None, method: str | None = None,
                    age_s: float = 0.0, redirect_uri: str | None = None) -> str:
-        code = secrets.token_urlsafe(22)[:30]
+        code = generate_token()
         with self.lock:
             self.grants[code] = Grant(self.client_id, time.time() + CODE_LIFETIME_S - age_s,
                                       redirect_uri, challenge, method)
@@ -284,7 +290,7 @@ class FakeFreesound:
 
     # -- internals ---------------------------------------------------------------------
     def _new_token(self, client_id: str, expires_in: float) -> dict:
-        access, refresh = secrets.token_urlsafe(22)[:30], secrets.token_urlsafe(22)[:30]
+        access, refresh = generate_token(), generate_token()
         self.access_tokens[access] = {"client_id": client_id, "expires_at": time.time() + expires_in,
                                       "refresh": refresh}
         self.refresh_tokens[refresh] = access

@@ -389,6 +389,18 @@ def test_a_corrupt_download_is_retried_once_then_fails_without_a_final_file(env)
     _byte_exact(env)
 
 
+def test_a_short_body_is_discarded_and_fetched_again_from_scratch(env):
+    env.login()
+    sound = env.fake.sounds[1000]
+    env.fake.inject(r"/sounds/1000/download/$", 200, sound.data[:100],
+                    headers={"Content-Type": "application/octet-stream"})
+    result = env.run("--ids", "1000")
+    assert result.returncode == 0, result.output
+    assert "size mismatch" in result.stderr
+    assert [d["headers"].get("Range") for d in env.fake.downloads()] == [None, None]
+    _byte_exact(env)
+
+
 def test_a_finished_file_without_metadata_is_adopted_not_downloaded(env):
     env.login()
     sound = env.fake.sounds[1000]

@@ -318,3 +318,58 @@ def test_format_utc():
     moment = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)
     assert dl.format_utc(moment) == "2026-01-02 03:04:05 UTC"
     assert dl.format_utc(moment.timestamp()) == "2026-01-02 03:04:05 UTC"
+
+
+# -- download helpers ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("status, content_range, offset, size, expected", [
+    (200, None, 500, 1000, 0),                        # server ignored Range: start over
+    (206, "bytes 500-999/1000", 500, 1000, 500),
+    (206, "bytes 500-999/*", 500, 1000, 500),          # unknown complete length is allowed
+    (206, "bytes 0-999/1000", 500, 1000, ValueError),  # not where we asked to start
+    (206, "bytes 500-999/2000", 500, 1000, ValueError),  # another file's length
+    (206, None, 500, 1000, ValueError),
+    (206, "items 1-2/3", 500, 1000, ValueError),
+])
+def test_resumed_offset_validates_content_range(status, content_range, offset, size, expected):
+    if expected is ValueError:
+        with pytest.raises(ValueError, match="Content-Range"):
+            dl.resumed_offset(status, content_range, offset, size)
+    else:
+        assert dl.resumed_offset(status, content_range, offset, size) == expected
+
+
+class _Body:
+    def iter_content(self, size):
+        yield b"x" * 10
+        yield b"y" * 10
+
+
+def test_a_full_disk_removes_the_part_file_and_is_one_clear_error(tmp_path, monkeypatch):
+    import errno
+    import hashlib
+
+    part = tmp_path / "1__u__n.wav.part"
+    real_open = Path.open
+
+    class FullDisk:
+        def __init__(self, handle):
+            self.handle = handle
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def close(self):
+            self.handle.close()
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+    monkeypatch.setattr(Path, "open", lambda self, *a, **k: FullDisk(real_open(self, *a, **k)))
+    ui = dl.Ui(bars=False)
+    with pytest.raises(dl.UsageError, match="No space left on device"):
+        dl._write_body(_Body(), part, 0, hashlib.md5(), 20, ui, "n")
+    assert not part.exists()
