@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import dataclasses
 import datetime as dt
 import enum
@@ -45,6 +46,7 @@ import random
 import re
 import secrets
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -204,6 +206,8 @@ class Config:
     state_dir: Path = Path(".")
     retries: int = DEFAULT_RETRIES
     backoff: float = DEFAULT_BACKOFF_S
+    timeout: float = READ_TIMEOUT_S
+    wait_lock: bool = False
     debug: bool = False
     quiet: bool = False
 
@@ -572,32 +576,126 @@ def ensure_private_dir(path: Path) -> Path:
     return path
 
 
+class FileLock:
+    """An exclusive advisory lock on a file (flock; msvcrt on Windows), across processes.
+
+    The lock file is never deleted: deleting a lock file lets two processes lock two files.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._handle = None
+
+    def acquire(self, wait: bool) -> bool:
+        handle = open(self.path, "a+", encoding="utf-8")
+        if not _lock_fd(handle.fileno(), wait):
+            handle.close()
+            return False
+        self._handle = handle
+        return True
+
+    def release(self) -> None:
+        if self._handle is not None:
+            self._handle.close()  # closing the descriptor drops the lock
+            self._handle = None
+
+    def write_owner(self, text: str) -> None:
+        assert self._handle is not None
+        self._handle.seek(0)
+        self._handle.truncate()
+        self._handle.write(text)
+        self._handle.flush()
+
+    def read_owner(self) -> str:
+        try:
+            return self.path.read_text(encoding="utf-8").strip() or "unknown"
+        except OSError:
+            return "unknown"
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[FileLock]:
+        self.acquire(wait=True)
+        try:
+            yield self
+        finally:
+            self.release()
+
+
+def _lock_fd(fd: int, wait: bool) -> bool:
+    """Lock `fd` exclusively; False if another process holds it and we may not wait."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+        while True:
+            try:
+                os.lseek(fd, 0, os.SEEK_SET)
+                msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+                return True
+            except OSError:
+                if not wait:
+                    return False
+                time.sleep(0.1)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        return True
+    except BlockingIOError:
+        return False
+
+
 class Ledger:
     """ledger.jsonl: one line per API request, the memory behind every rate limit.
 
-    Loaded once per run and appended to per request. Lines torn by a crash are skipped.
+    Runs sharing a state folder share it: every decision and append happens under
+    ledger.lock after reading what other processes appended. A line torn by a crash
+    is skipped with a warning, and the file is re-terminated so the next row is whole.
     """
 
     def __init__(self, path: Path, client_id: str, warn: Callable[[str], None]) -> None:
-        self.path, self.client_id = path, client_id
+        self.path, self.client_id, self.warn = path, client_id, warn
+        self.lock = FileLock(path.with_name(path.stem + ".lock"))
         self.rows: list[tuple[float, str]] = []
-        self._load(warn)
+        self._offset, self._inode, self._line = 0, None, 0
+        with self.locked():
+            self._terminate_torn_line()
+            self.sync()
+            if self._line > LEDGER_COMPACT_ROWS:
+                self._compact()
 
-    def _load(self, warn: Callable[[str], None]) -> None:
-        if not self.path.exists():
+    def locked(self) -> contextlib.AbstractContextManager:
+        return self.lock.held()
+
+    def _terminate_torn_line(self) -> None:
+        if self.path.exists() and self.path.stat().st_size:
+            with self.path.open("rb+") as handle:
+                handle.seek(-1, os.SEEK_END)
+                if handle.read(1) != b"\n":
+                    handle.write(b"\n")
+
+    def sync(self) -> None:
+        """Read the rows appended since last time (all of them if the file was replaced)."""
+        try:
+            stat = self.path.stat()
+        except FileNotFoundError:
             return
-        total = 0
-        with self.path.open(encoding="utf-8", errors="replace") as handle:
-            for number, line in enumerate(handle, start=1):
-                total += 1
-                try:
-                    row = json.loads(line)
-                    if row.get("client_id") == self.client_id:
-                        self.rows.append((parse_iso(row["at"]), row["kind"]))
-                except (ValueError, KeyError, TypeError, AttributeError):
-                    warn(f"skipping unreadable line {number} of {self.path}")
-        if total > LEDGER_COMPACT_ROWS:
-            self._compact()
+        if stat.st_ino != self._inode or stat.st_size < self._offset:
+            self.rows, self._offset, self._inode, self._line = [], 0, stat.st_ino, 0
+        with self.path.open("rb") as handle:
+            handle.seek(self._offset)
+            for raw in handle:
+                if not raw.endswith(b"\n"):
+                    break  # being written (or torn): read it next time
+                self._offset += len(raw)
+                self._line += 1
+                self._parse(raw)
+
+    def _parse(self, raw: bytes) -> None:
+        try:
+            row = json.loads(raw)
+            if row.get("client_id") == self.client_id:
+                self.rows.append((parse_iso(row["at"]), row["kind"]))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            self.warn(f"skipping unreadable line {self._line} of {self.path}")
 
     def _compact(self) -> None:
         """Drop rows older than a day, so the file does not grow for ever."""
@@ -607,19 +705,21 @@ class Ledger:
             for line in handle:
                 try:
                     if parse_iso(json.loads(line)["at"]) > cutoff:
-                        kept.append(line if line.endswith("\n") else line + "\n")
+                        kept.append(line)
                 except (ValueError, KeyError, TypeError, AttributeError):
                     continue
         write_bytes_atomic(self.path, "".join(kept).encode("utf-8"), 0o600)
+        self._inode = None
+        self.sync()
 
-    def record(self, kind: str, at: float, sound_id: int | None = None) -> None:
+    def append(self, kind: str, at: float, sound_id: int | None = None) -> None:
+        """Add one row; call with the lock held and after sync()."""
         row = {"at": iso_utc(at), "client_id": self.client_id, "kind": kind}
         if sound_id is not None:
             row["sound_id"] = sound_id
-        # One write() of one line in append mode: concurrent appends do not interleave.
-        with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(row) + "\n")
-        self.rows.append((at, kind))
+        with self.path.open("ab") as handle:
+            handle.write(json.dumps(row).encode("utf-8") + b"\n")
+        self.sync()
 
     def times(self, kind: str | None = None) -> list[float]:
         return [at for at, row_kind in self.rows if kind is None or row_kind == kind]
@@ -681,7 +781,7 @@ class Auth:
             self.token = self.store.load(self.ui.warn)
         if self.token is None:
             self.login()
-        elif self.token.get("expires_at", 0) - TOKEN_EXPIRY_MARGIN_S < self.clock():
+        elif self._expired(self.token):
             self.refresh()
         assert self.token is not None
         return self.token["access_token"]
@@ -697,16 +797,28 @@ class Auth:
         self.pending_path.unlink(missing_ok=True)
 
     def refresh(self) -> None:
-        refresh_token = (self.token or {}).get("refresh_token")
-        if not refresh_token:
-            self.login()
-            return
-        try:
-            self.token = self._token_request(grant_type="refresh_token", refresh_token=refresh_token)
-        except LoginExpired as exc:
-            self.ui.warn(f"{exc}; a new login is needed")
-            self.token = None
-            self.login()
+        """Refresh under token.lock: refresh tokens rotate, so two runs refreshing the same
+        one would leave the slower one logged out. The second run takes the first one's."""
+        with FileLock(self.store.path.with_name("token.lock")).held():
+            on_disk = self.store.load(self.ui.warn)
+            ours = self.token or {}
+            if (on_disk and on_disk.get("access_token") != ours.get("access_token")
+                    and not self._expired(on_disk)):
+                self.token = on_disk  # another run refreshed while we were working
+                return
+            refresh_token = (on_disk or ours).get("refresh_token")
+            try:
+                if refresh_token:
+                    self.token = self._token_request(grant_type="refresh_token",
+                                                     refresh_token=refresh_token)
+                    return
+            except LoginExpired as exc:
+                self.ui.warn(f"{exc}; a new login is needed")
+        self.token = None
+        self.login()
+
+    def _expired(self, token: dict) -> bool:
+        return token.get("expires_at", 0) - TOKEN_EXPIRY_MARGIN_S < self.clock()
 
     def _prompt_for_code(self) -> tuple[str, str]:
         state = secrets.token_urlsafe(16)
@@ -740,7 +852,7 @@ class Auth:
         session = OAuth2Session(client_id=self.config.client_id)
         session.headers["User-Agent"] = USER_AGENT
         extra = {key: value for key, value in params.items() if value and key != "grant_type"}
-        timeout = (CONNECT_TIMEOUT_S, READ_TIMEOUT_S)
+        timeout = (min(CONNECT_TIMEOUT_S, self.config.timeout), self.config.timeout)
         try:
             if params["grant_type"] == "refresh_token":
                 response = session.refresh_token(
@@ -785,6 +897,8 @@ class Limits:
         self.config, self.ledger, self.ui, self.clock, self.sleep = config, ledger, ui, clock, sleep
 
     def downloads_left(self) -> int:
+        with self.ledger.locked():
+            self.ledger.sync()
         used = len(times_in_window(self.ledger.times("download"), self.clock(), DAY_S))
         return max(0, self.config.daily_cap - used)
 
@@ -802,20 +916,30 @@ class Limits:
                                         dt.datetime.fromtimestamp(frees, dt.timezone.utc))
 
     def acquire(self, kind: str, sound_id: int | None) -> None:
-        """Wait for a slot, then record the request in the ledger (retries count too)."""
-        self.check_daily(kind)
-        now = self.clock()
+        """Wait for a slot, then record the request in the ledger (retries count too).
+
+        Decided under the ledger lock, so runs sharing the state folder share the limits."""
+        while True:
+            with self.ledger.locked():
+                self.ledger.sync()
+                self.check_daily(kind)
+                now = self.clock()
+                wait = self._wait_needed(kind, now)
+                if wait <= 0:
+                    self.ledger.append(kind, now, sound_id)
+                    return
+            if wait >= 5:
+                self.ui.info(f"waiting {wait:.0f} s for the rate limit (until {format_utc(now + wait)})")
+            self.sleep(wait)
+
+    def _wait_needed(self, kind: str, now: float) -> float:
         per_minute = max(1, int(self.config.api_rate))
         wait = window_frees_at(self.ledger.times(), per_minute, now, MINUTE_S) - now
         if kind == "download":
             starts = self.ledger.times("download")
-            last = max(starts) if starts else None
-            wait = max(wait, pacing_delay(last, self.config.download_interval_s, now))
-        if wait > 0:
-            if wait >= 5:
-                self.ui.info(f"waiting {wait:.0f} s for the rate limit (until {format_utc(now + wait)})")
-            self.sleep(wait)
-        self.ledger.record(kind, self.clock(), sound_id)
+            wait = max(wait, pacing_delay(max(starts) if starts else None,
+                                          self.config.download_interval_s, now))
+        return wait
 
     def day_frees_estimate(self) -> dt.datetime:
         """After a server 429 (N/day): our oldest request in the window leaving is the best guess."""
@@ -861,7 +985,8 @@ class ApiSession(requests.Session):
             raise ApiError(0, url, "refusing to send credentials to a host other than the API's")
         kind, sound_id = classify_request(url, self.config.api_base)
         kwargs["allow_redirects"] = False
-        kwargs["timeout"] = kwargs.get("timeout") or (CONNECT_TIMEOUT_S, READ_TIMEOUT_S)
+        timeout = self.config.timeout
+        kwargs["timeout"] = kwargs.get("timeout") or (min(CONNECT_TIMEOUT_S, timeout), timeout)
         refreshed, attempt = False, 0
         while True:
             attempt += 1
@@ -1203,6 +1328,8 @@ class RunReport:
 class Library:
     """The output folder: audio files, metadata.json and ATTRIBUTION.txt."""
 
+    LOCK_NAME = ".freesound-downloader.lock"
+
     def __init__(self, folder: Path) -> None:
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -1212,8 +1339,32 @@ class Library:
             raise UsageError(f"the output folder {folder} is not writable")
         self.folder = folder
         self.metadata_path = folder / "metadata.json"
+        self.lock = FileLock(folder / self.LOCK_NAME)
+        self._load()
+
+    def _load(self) -> None:
         self.entries = load_metadata(self.metadata_path)
         self.by_id = {int(entry["id"]): entry for entry in self.entries}
+
+    @contextlib.contextmanager
+    def locked(self, wait: bool, ui: Ui) -> Iterator[None]:
+        """Only one run at a time writes to a folder; a second one exits 2 or waits."""
+        if not self.lock.acquire(wait=False):
+            owner = self.lock.read_owner()
+            if not wait:
+                raise UsageError(f"another run ({owner}) is using {self.folder}; "
+                                 "let it finish, or pass --wait-lock to wait for it")
+            ui.info(f"waiting for another run ({owner}) to finish with {self.folder}")
+            self.lock.acquire(wait=True)
+        try:
+            self.lock.write_owner(f"pid {os.getpid()} on {socket.gethostname()}, "
+                                  f"since {format_utc(time.time())}\n")
+            self._load()  # the run we waited for may have added sounds
+            for stale in self.folder.glob(".*.tmp"):  # from a run killed mid-write
+                stale.unlink(missing_ok=True)
+            yield
+        finally:
+            self.lock.release()
 
     def has(self, sound_id: int) -> bool:
         """Recorded in metadata.json, and its file is on disk with the recorded size."""
@@ -1271,10 +1422,15 @@ class Runner:
 
     def run(self) -> RunReport:
         library = Library(self.config.output_dir)
-        todo = self._select(library)
-        if self.config.dry_run:
-            self._print_plan(todo)
+        if self.config.dry_run:  # reads only: no lock needed
+            self._print_plan(self._select(library))
             return self.report
+        with library.locked(self.config.wait_lock, self.ui):
+            self._run_locked(library)
+        return self.report
+
+    def _run_locked(self, library: Library) -> None:
+        todo = self._select(library)
         if self.config.max is not None and len(todo) > self.config.max:
             self.report.remaining = len(todo) - self.config.max
             todo = todo[:self.config.max]
@@ -1284,7 +1440,6 @@ class Runner:
             self._download_all(library, todo)
         if self._limits is not None:
             self.report.downloads_left = self._limits.downloads_left()
-        return self.report
 
     def _select(self, library: Library) -> list[dict]:
         """The sounds to download, in order; already-present ones are counted and skipped."""
@@ -1402,11 +1557,17 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"retries after network errors and 5xx answers (default {DEFAULT_RETRIES})")
     add("--backoff", type=float, default=DEFAULT_BACKOFF_S, metavar="SECONDS",
         help=f"first retry delay, doubled each time (default {DEFAULT_BACKOFF_S})")
+    add("--timeout", type=float, default=READ_TIMEOUT_S, metavar="SECONDS",
+        help=f"give up on a silent connection after this long (default {READ_TIMEOUT_S:g})")
+    add("--wait-lock", action="store_true",
+        help="if another run is using the output folder, wait for it instead of exiting")
     add("--dry-run", action="store_true", help="show what would be downloaded; download nothing")
     add("--login", action="store_true", help="log in, store the token, exit")
     add("--auth-code", metavar="CODE", help="exchange this authorization code instead of prompting")
     add("--client-id", help=f"OAuth2 client id (default: ${ENV_CLIENT_ID})")
-    add("--client-secret", help=f"client secret / API key (default: ${ENV_CLIENT_SECRET})")
+    add("--client-secret", help=f"client secret / API key (default: ${ENV_CLIENT_SECRET}); "
+        "visible to other users of the machine, prefer the variable or --client-secret-file")
+    add("--client-secret-file", metavar="PATH", help="read the client secret from this file")
     add("--state-dir", metavar="DIR", help=f"token and ledger folder (default: ${ENV_STATE_DIR} or "
         "the per-user config folder)")
     add("--quiet", action="store_true", help="show only errors")
@@ -1434,6 +1595,17 @@ def read_ids(args: argparse.Namespace, stdin) -> tuple[int, ...] | None:
             return tuple(parse_id_lines(handle, args.ids_file))
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"cannot read --ids-file {args.ids_file}: {exc}") from None
+
+
+def read_secret(args: argparse.Namespace, environ: dict) -> str | None:
+    if args.client_secret_file:
+        try:
+            with open(args.client_secret_file, encoding="utf-8") as handle:
+                return handle.readline().strip() or None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"cannot read --client-secret-file {args.client_secret_file}: "
+                             f"{getattr(exc, 'strerror', None) or exc}") from None
+    return args.client_secret or environ.get(ENV_CLIENT_SECRET)
 
 
 def check_api_base(url: str) -> str:
@@ -1465,6 +1637,7 @@ def config_from_args(args: argparse.Namespace, environ: dict, stdin=sys.stdin) -
     _positive("--max", args.max, allow_none=True)
     if args.retries < 0 or args.backoff < 0:
         raise UsageError("--retries and --backoff cannot be negative")
+    _positive("--timeout", args.timeout)
     state_dir = args.state_dir or environ.get(ENV_STATE_DIR)
     return Config(
         query=args.query, ids=read_ids(args, stdin), filter=args.filter, sort=args.sort,
@@ -1472,10 +1645,11 @@ def config_from_args(args: argparse.Namespace, environ: dict, stdin=sys.stdin) -
         api_rate=args.api_rate, api_daily_cap=args.api_daily_cap, dry_run=args.dry_run,
         login=args.login, auth_code=args.auth_code,
         client_id=args.client_id or environ.get(ENV_CLIENT_ID),
-        client_secret=args.client_secret or environ.get(ENV_CLIENT_SECRET),
+        client_secret=read_secret(args, environ),
         api_base=check_api_base(environ.get(ENV_API_URL) or DEFAULT_API_BASE),
         state_dir=Path(state_dir) if state_dir else default_state_dir(sys.platform, environ, Path.home()),
-        retries=args.retries, backoff=args.backoff, debug=args.debug, quiet=args.quiet)
+        retries=args.retries, backoff=args.backoff, timeout=args.timeout, wait_lock=args.wait_lock,
+        debug=args.debug, quiet=args.quiet)
 
 
 def _raise_terminated(signum, frame) -> None:

@@ -79,7 +79,9 @@ class Env:
 
     def audio_files(self) -> list[str]:
         skip = {"metadata.json", "ATTRIBUTION.txt"}
-        return sorted(p.name for p in self.out.iterdir() if p.name not in skip) if self.out.exists() else []
+        if not self.out.exists():
+            return []
+        return sorted(p.name for p in self.out.iterdir() if p.name not in skip and not p.name.startswith("."))
 
 
 @pytest.fixture

@@ -295,11 +295,32 @@ def test_ledger_skips_a_torn_last_line_and_counts_only_its_client(tmp_path):
     assert warnings and "line 4" in warnings[0]
 
 
-def test_ledger_record_writes_the_documented_row(tmp_path):
+def test_ledger_append_writes_the_documented_row(tmp_path):
     ledger = dl.Ledger(tmp_path / "ledger.jsonl", "cid", print)
-    ledger.record("download", 0.0, sound_id=5)
+    with ledger.locked():
+        ledger.append("download", 0.0, sound_id=5)
     row = __import__("json").loads((tmp_path / "ledger.jsonl").read_text())
     assert row == {"at": "1970-01-01T00:00:00.000000Z", "client_id": "cid", "kind": "download", "sound_id": 5}
+
+
+def test_a_torn_ledger_line_is_terminated_so_the_next_row_survives(tmp_path):
+    path = tmp_path / "ledger.jsonl"
+    path.write_text('{"at": "2026-01-01T00:00:00Z", "client_id": "cid", "kind": "api"}\n{"at": "2026-0')
+    ledger = dl.Ledger(path, "cid", lambda message: None)
+    with ledger.locked():
+        ledger.append("download", 10.0, sound_id=1)
+    assert ledger.times("download") == [10.0]
+    assert len(dl.Ledger(path, "cid", lambda message: None).times()) == 2  # and so does a new reader
+
+
+def test_ledger_sees_rows_another_process_appended(tmp_path):
+    path = tmp_path / "ledger.jsonl"
+    ours, theirs = dl.Ledger(path, "cid", print), dl.Ledger(path, "cid", print)
+    with theirs.locked():
+        theirs.append("download", 5.0, sound_id=9)
+    with ours.locked():
+        ours.sync()
+    assert ours.times("download") == [5.0]
 
 
 def test_token_store_is_private_and_checks_the_client_id(tmp_path):
