@@ -130,6 +130,7 @@ class FreesoundDownloadError(Exception):
      ├── UsageError                2  bad flags or input, unusable files or folders
      ├── AuthError                 3  credentials, login, token refresh, suspension
      ├── ApiError(status, url)     1  a request failed for good (after retries)
+     │    └── NetworkError         1  no answer at all
      └── DownloadError(sound_id)   -  one sound failed; counted, the run goes on
           └── CorruptDownload      -  wrong size or md5: discarded, fetched once more
     DailyLimitReached              4  control flow: stop cleanly, re-run later
@@ -151,6 +152,13 @@ class ApiError(FreesoundDownloadError):
     def __init__(self, status: int, url: str, detail: str) -> None:
         self.status, self.url, self.detail = status, url, detail
         super().__init__(f"HTTP {status} for {redact_url(url)}: {detail}")
+
+
+class NetworkError(ApiError):
+    """No answer at all (refused, reset, timed out), after the retries."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        super().__init__(0, url, reason)
 
 
 class DownloadError(FreesoundDownloadError):
@@ -469,6 +477,16 @@ def merge_metadata(entries: Sequence[dict], new: dict) -> list[dict]:
     by_id = {int(entry["id"]): entry for entry in entries}
     by_id[new["id"]] = {**by_id.get(new["id"], {}), **new}
     return [by_id[key] for key in sorted(by_id)]
+
+
+def metadata_line(entry: dict) -> str:
+    """One sound's line of metadata.json (the C encoder: `indent` would force the slow one)."""
+    return "  " + json.dumps(entry, ensure_ascii=False, sort_keys=True)
+
+
+def metadata_text(lines: Iterable[str]) -> str:
+    """metadata.json: a JSON array with one sound per line, readable and diff-friendly."""
+    return "[\n" + ",\n".join(lines) + "\n]\n"
 
 
 def attribution_line(entry: dict) -> str:
@@ -995,13 +1013,19 @@ class ApiSession(requests.Session):
             try:
                 response = super().send(request, **kwargs)
             except (requests.ConnectionError, requests.Timeout) as exc:
-                self._retry_or_raise(attempt, url, f"network error: {type(exc).__name__}")
+                reason = f"network error: {type(exc).__name__}"
+                if attempt > self.config.retries:
+                    raise NetworkError(url, f"{reason} (gave up after {attempt} tries)") from None
+                self._retry_or_raise(attempt, url, reason)
                 continue
             status = response.status_code
             if status < 300 or (kind == "download" and status == 416):
                 return response
             detail = response_detail(response)
             response.close()
+            if response.is_redirect:  # the API never redirects; following could leak the token
+                location = redact_url(response.headers.get("Location", ""))
+                raise ApiError(status, url, f"unexpected redirect to {location}; not followed")
             if status == 401 and kind == "download" and not refreshed and _token_expired(response):
                 refreshed = True
                 self.oauth.refresh()
@@ -1138,7 +1162,9 @@ class Api:
         except ApiError as exc:
             if exc.status == 404:
                 raise DownloadError(sound_id, f"not available for download ({exc.detail})") from None
-            raise
+            if isinstance(exc, NetworkError) or exc.status in RETRY_STATUSES or exc.status == 429:
+                raise DownloadError(sound_id, f"HTTP {exc.status or 'error'}: {exc.detail}") from None
+            raise  # auth, https, redirects: no other sound would fare better
 
 
 _CONTENT_RANGE_RE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
@@ -1345,6 +1371,7 @@ class Library:
     def _load(self) -> None:
         self.entries = load_metadata(self.metadata_path)
         self.by_id = {int(entry["id"]): entry for entry in self.entries}
+        self._lines = {sound_id: metadata_line(entry) for sound_id, entry in self.by_id.items()}
 
     @contextlib.contextmanager
     def locked(self, wait: bool, ui: Ui) -> Iterator[None]:
@@ -1382,9 +1409,16 @@ class Library:
         return not sound.get("md5") or hash_file(dest).hexdigest() == sound["md5"].lower()
 
     def record(self, sound: dict, file_name: str, now: float) -> None:
+        """Add one sound to metadata.json, then ATTRIBUTION.txt, each replaced atomically.
+
+        Only the new entry is encoded: the others' lines are cached, so a download costs
+        the same in a library of 10 sounds as in one of 10,000."""
         self.entries = merge_metadata(self.entries, metadata_entry(sound, file_name, iso_utc(now)))
         self.by_id = {int(entry["id"]): entry for entry in self.entries}
-        write_json_atomic(self.metadata_path, self.entries)
+        sound_id = int(sound["id"])
+        self._lines[sound_id] = metadata_line(self.by_id[sound_id])
+        text = metadata_text(self._lines[key] for key in sorted(self._lines))
+        write_bytes_atomic(self.metadata_path, text.encode("utf-8"))
         write_bytes_atomic(self.folder / "ATTRIBUTION.txt", attribution_text(self.entries).encode("utf-8"))
 
 

@@ -201,6 +201,25 @@ class Injected:
     body: bytes
     headers: dict
     times: int
+    delay_s: float = 0.0
+
+
+CHAOS_FAULTS = ("drop", "short", "corrupt", "500", "503", "429-minute")
+
+
+class Chaos:
+    """Seeded random faults on a share of downloads, for soak tests."""
+
+    def __init__(self, rate: float, seed: int) -> None:
+        import random
+        self.rate, self.rng, self.counts = rate, random.Random(seed), {}
+
+    def pick(self) -> str | None:
+        if self.rng.random() >= self.rate:
+            return None
+        fault = self.rng.choice(CHAOS_FAULTS)
+        self.counts[fault] = self.counts.get(fault, 0) + 1
+        return fault
 
 
 class FakeFreesound:
@@ -219,6 +238,8 @@ class FakeFreesound:
         self.injected: list[Injected] = []
         self.drop_after: dict[int, int] = {}      # sound id -> bytes to send before dropping
         self.download_delay_s = 0.0
+        self.chaos: Chaos | None = None
+        self.token_delay_s = 0.0  # widens the window in which two refreshes could race
         self.lock = threading.Lock()
         self._server = ThreadingHTTPServer((host, port), _make_handler(self))
         self._server.daemon_threads = True
@@ -272,15 +293,17 @@ class FakeFreesound:
                 info["expires_at"] = time.time() - 1
 
     def inject(self, path_re: str, status: int, body: dict | str | bytes = b"", *,
-               method: str = "GET", headers: dict | None = None, times: int = 1) -> None:
-        """Answer the next `times` requests whose path matches `path_re` with this response."""
+               method: str = "GET", headers: dict | None = None, times: int = 1,
+               delay_s: float = 0.0) -> None:
+        """Answer the next `times` requests whose path matches `path_re` with this response
+        (after `delay_s`, to make the client time out)."""
         if isinstance(body, dict):
             body = json.dumps(body).encode()
             headers = {"Content-Type": "application/json", **(headers or {})}
         elif isinstance(body, str):
             body = body.encode()
         with self.lock:
-            self.injected.append(Injected(method, path_re, status, body, headers or {}, times))
+            self.injected.append(Injected(method, path_re, status, body, headers or {}, times, delay_s))
 
     def requests_to(self, path_re: str, method: str = "GET") -> list[dict]:
         return [r for r in self.requests if r["method"] == method and re.search(path_re, r["path"])]
@@ -336,6 +359,7 @@ def _make_handler(fake: FakeFreesound):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go out in two writes: don't wait for ACKs
     fake: FakeFreesound
 
     def log_message(self, *args) -> None:  # keep test output clean
@@ -380,6 +404,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._log({**query, **self.form})
         fault = self.fake._take_injected(self.command, parts.path)
         if fault is not None:
+            time.sleep(fault.delay_s)
             return self._send(fault.status, fault.body, fault.headers)
         path = parts.path
         if path == "/apiv2/oauth2/access_token/" and self.command == "POST":
@@ -463,6 +488,7 @@ class _Handler(BaseHTTPRequestHandler):
             if grant_type == "authorization_code":
                 return self._code_grant(client_id)
             if grant_type == "refresh_token":
+                time.sleep(fake.token_delay_s)
                 access = fake.refresh_tokens.pop(form.get("refresh_token", ""), None)
                 if access is None:
                     return self._json(400, {"error": "invalid_grant"})
@@ -556,6 +582,11 @@ class _Handler(BaseHTTPRequestHandler):
         sound = fake.sounds.get(sound_id)
         if sound is None or not sound.moderated:
             return self._json(404, {"detail": "Not found"})
+        if fake.chaos is not None:
+            with fake.lock:
+                chaos = fake.chaos.pick()
+            if chaos is not None and self._chaos(chaos, sound):
+                return
         data, start = sound.data, 0
         headers = {"Content-Type": "application/octet-stream",
                    "Content-Disposition": f'attachment; filename="{sound.friendly_filename()}"',
@@ -582,6 +613,22 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         self.wfile.write(body)
+
+
+    def _chaos(self, fault: str, sound: FakeSound) -> bool:
+        """Apply one chaos fault; True if the response was sent (False: serve it normally)."""
+        if fault in ("500", "503"):
+            self._json(int(fault), {"detail": "Server error"})
+        elif fault == "429-minute":  # the real body: no Retry-After
+            self._json(429, {"detail": "Request was throttled because of exceeding a request limit rate "
+                                       f"({self.fake.per_minute}/minute)"})
+        elif fault == "drop":
+            self.fake.drop_after[sound.id] = len(sound.data) // 2
+            return False
+        else:  # "short": a consistent but truncated body; "corrupt": right length, wrong bytes
+            body = sound.data[: len(sound.data) // 2] if fault == "short" else bytes(len(sound.data))
+            self._send(200, body, {"Content-Type": "application/octet-stream"})
+        return True
 
 
 def _int(value: str | None, default: int) -> int:

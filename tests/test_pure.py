@@ -394,3 +394,12 @@ def test_a_full_disk_removes_the_part_file_and_is_one_clear_error(tmp_path, monk
     with pytest.raises(dl.UsageError, match="No space left on device"):
         dl._write_body(_Body(), part, 0, hashlib.md5(), 20, ui, "n")
     assert not part.exists()
+
+
+def test_metadata_text_is_a_json_array_with_one_sound_per_line():
+    import json
+    entries = [{"id": 1, "name": "é"}, {"id": 2, "tags": ["a", "b"]}]
+    text = dl.metadata_text(dl.metadata_line(e) for e in entries)
+    assert json.loads(text) == entries
+    assert text.splitlines()[1:3] == ['  {"id": 1, "name": "é"},', '  {"id": 2, "tags": ["a", "b"]}']
+    assert json.loads(dl.metadata_text([])) == []

@@ -1,0 +1,271 @@
+"""The fault matrix (README, "Reliability"): each fault injected by the fake server, and
+what the real script does about it. Plus kill -9 at random points, two runs at once and a
+soak run with seeded random faults."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import FAST, SCRIPT, Env, assert_no_secrets
+from fake_freesound import Chaos, FakeFreesound, FakeSound, make_sounds
+
+import download_freesound_library as dl
+
+THROTTLED_MINUTE = "Request was throttled because of exceeding a request limit rate (60/minute)"
+
+
+def _assert_library_exact(env: Env, expected_ids) -> None:
+    """One metadata entry per sound, each file complete and byte-exact, no stray files."""
+    entries = env.metadata()
+    assert [e["id"] for e in entries] == sorted(expected_ids)
+    for entry in entries:
+        data = (env.out / entry["file"]).read_bytes()
+        assert data == env.fake.sounds[entry["id"]].data, entry["file"]
+        assert hashlib.md5(data).hexdigest() == entry["md5"]
+    assert sorted(env.audio_files()) == sorted(e["file"] for e in entries)
+    for line in (env.out / "ATTRIBUTION.txt").read_text().splitlines():
+        assert "licensed under" not in line or any(f"/s/{i}/" in line for i in expected_ids)
+
+
+def _popen(env: Env, *args: str, out=None) -> subprocess.Popen:
+    argv = [sys.executable, str(SCRIPT), *FAST, "--output-dir", str(out or env.out), *args]
+    return subprocess.Popen(argv, env=env.environ, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+# -- network faults -------------------------------------------------------------------------
+
+def test_an_unreachable_server_is_retried_then_one_clear_error(env):
+    with socket.socket() as probe:  # a loopback port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = env.run("--query", "rain", "--retries", "2",
+                     env={"FREESOUND_API_URL": f"http://127.0.0.1:{port}/apiv2"})
+    assert result.returncode == 1, result.output
+    assert "network error" in result.stderr and "gave up after 3 tries" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_read_timeout_is_retried(env):
+    env.login()
+    sound = env.fake.sounds[1000]
+    env.fake.inject(r"/sounds/1000/download/$", 200, sound.data, delay_s=2.0,
+                    headers={"Content-Type": "application/octet-stream"})
+    result = env.run("--ids", "1000", "--timeout", "0.5")
+    assert result.returncode == 0, result.output
+    assert "Timeout" in result.stderr and len(env.fake.downloads()) == 2
+    _assert_library_exact(env, [1000])
+
+
+def test_5xx_that_never_ends_fails_that_sound_and_the_run_goes_on(env):
+    env.login()
+    env.fake.inject(r"/sounds/1000/download/$", 502, "<html>Bad gateway</html>",
+                    headers={"Content-Type": "text/html"}, times=10)
+    result = env.run("--ids", "1000", "1001", "--retries", "2")
+    assert result.returncode == 1, result.output
+    assert len(env.fake.requests_to(r"/sounds/1000/download/$")) == 3  # bounded
+    assert "1000" in result.stderr and "gave up" in result.stderr
+    _assert_library_exact(env, [1001])
+
+
+def test_an_html_page_where_json_was_expected_names_the_url_and_status(env):
+    env.fake.inject(r"/search/text/$", 200, "<html>proxy login</html>", headers={"Content-Type": "text/html"})
+    result = env.run("--query", "rain")
+    assert result.returncode == 1, result.output
+    assert "/apiv2/search/text/" in result.stderr and "JSON" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_a_redirect_is_never_followed_so_the_token_stays_home(env):
+    env.login()
+    env.fake.inject(r"/download/$", 302, b"", headers={"Location": "https://evil.example/steal?x=1"})
+    result = env.run("--ids", "1000")
+    assert result.returncode == 1, result.output
+    assert "redirect to https://evil.example/steal" in result.stderr and "x=1" not in result.stderr
+    assert len(env.fake.downloads()) == 1
+
+
+# -- throttling and auth faults ---------------------------------------------------------------
+
+def test_a_suspended_credential_exits_3_with_the_servers_words(env):
+    env.fake.suspended = True
+    result = env.run("--query", "rain")
+    assert result.returncode == 3, result.output
+    assert "credential has been suspended" in result.stderr
+
+
+def test_a_second_401_after_refreshing_is_an_auth_error(env):
+    env.login()
+    expired = {"WWW-Authenticate": 'Bearer realm="api",error="invalid_token",'
+                                   'error_description="The access token has expired."'}
+    env.fake.inject(r"/download/$", 401, {"detail": "Authentication credentials were not provided."},
+                    headers=expired, times=2)
+    result = env.run("--ids", "1000")
+    assert result.returncode == 3, result.output
+    assert len(env.fake.requests_to("/oauth2/access_token/", method="POST")) == 1
+
+
+def test_https_required_exits_2_explaining_the_api_url(env):
+    env.login()
+    env.fake.inject(r"/download/$", 403, {"detail": "This resource requires a secure connection (https)"})
+    result = env.run("--ids", "1000")
+    assert result.returncode == 2, result.output
+    assert "FREESOUND_API_URL" in result.stderr and "https" in result.stderr
+
+
+def test_the_minute_wait_comes_from_the_ledger_when_there_is_no_retry_after(tmp_path):
+    """A full minute window in our own ledger: wait until its oldest row leaves, not a tight loop."""
+    ledger = dl.Ledger(tmp_path / "ledger.jsonl", "cid", print)
+    now = 10_000.0
+    with ledger.locked():
+        for n in range(60):
+            ledger.append("api", now - 50 + n * 0.5)
+    slept = []
+    limits = dl.Limits(dl.Config(), ledger, dl.Ui(bars=False, quiet=True), clock=lambda: now, sleep=slept.append)
+    limits.wait_after_throttle(None, 60, attempt=1)
+    assert slept == [pytest.approx(10.0)]     # the row at now-50 leaves the window at now+10
+    limits.wait_after_throttle(7.0, 60, attempt=1)
+    assert slept[-1] == 7.0                    # Retry-After wins when present
+    limits.wait_after_throttle(500.0, 60, attempt=1)
+    assert slept[-1] == 60.0                   # capped
+
+
+# -- bad local state ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("content, warning", [
+    ("{not json", "unreadable"),
+    (json.dumps({"access_token": "x", "refresh_token": "y", "expires_at": 9e9, "client_id": "other"}),
+     "another client id"),
+])
+def test_a_bad_token_file_warns_and_logs_in_again(env, content, warning):
+    env.state.mkdir(mode=0o700)
+    (env.state / "token.json").write_text(content)
+    result = env.run("--ids", "1000", stdin=env.fake.issue_code() + "\n")
+    assert result.returncode == 0, result.output
+    assert warning in result.stderr
+    assert json.loads((env.state / "token.json").read_text())["client_id"] == env.fake.client_id
+    (env.state / "token.json").write_text(content)
+    result = env.run("--ids", "1001", stdin="")  # and from cron: exit 3
+    assert result.returncode == 3, result.output
+
+
+def test_an_output_folder_that_cannot_be_created_exits_2(env, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    result = env.run("--ids", "1000", "--output-dir", str(blocker / "sub"))
+    assert result.returncode == 2, result.output
+    assert "cannot create the output folder" in result.stderr
+
+
+def test_client_secret_from_a_file_and_a_warning_for_the_flag(env, tmp_path):
+    secret_file = tmp_path / "secret"
+    secret_file.write_text(env.fake.client_secret + "\n")
+    result = env.run("--query", "rain", "--dry-run", "--client-secret-file", str(secret_file),
+                     env={"FREESOUND_CLIENT_SECRET": ""})
+    assert result.returncode == 0, result.output
+    result = env.run("--query", "rain", "--dry-run", "--client-secret", env.fake.client_secret)
+    assert result.returncode == 0 and "visible to other users" in result.stderr
+
+
+def test_leftover_temporary_files_of_a_killed_run_are_removed(env):
+    env.out.mkdir()
+    (env.out / ".metadata.json.abc123.tmp").write_text("[")
+    env.login()
+    assert env.run("--ids", "1000").returncode == 0
+    assert not list(env.out.glob("*.tmp")) and not list(env.out.glob(".*.tmp"))
+
+
+# -- kill -9 at random points ---------------------------------------------------------------------
+
+def test_kill_9_at_random_points_then_one_clean_run_finishes_exactly(env):
+    env.fake.add(*[FakeSound(id=i, name=f"big {i}.wav", username="u", data=os.urandom(300_000 + i))
+                   for i in range(40, 52)])
+    env.fake.download_delay_s = 0.02
+    ids = [str(i) for i in range(40, 52)]
+    env.login()
+    rng = random.Random(20261127)
+    for _ in range(24):
+        proc = _popen(env, "--ids", *ids, "--rate", "3000")
+        time.sleep(rng.uniform(0.05, 0.6))
+        proc.kill()
+        proc.communicate()
+    env.fake.download_delay_s = 0
+    result = env.run("--ids", *ids)
+    assert result.returncode == 0, result.output
+    _assert_library_exact(env, range(40, 52))
+    assert not list(env.out.glob("*.part"))
+    for line in (env.state / "ledger.jsonl").read_text().splitlines()[-3:]:
+        json.loads(line)  # the tail is whole again
+
+
+# -- two runs at once --------------------------------------------------------------------------------
+
+def test_a_second_run_on_the_same_folder_exits_2_naming_the_first(env):
+    env.login()
+    env.fake.download_delay_s = 0.5
+    first = _popen(env, "--ids", "1000", "1001", "1002")
+    time.sleep(0.8)
+    second = env.run("--ids", "1000", "1001", "1002")
+    assert second.returncode == 2, second.output
+    assert f"pid {first.pid}" in second.stderr and "--wait-lock" in second.stderr
+    first.communicate(timeout=30)
+    assert first.returncode == 0
+
+
+def test_with_wait_lock_the_second_run_waits_and_downloads_nothing_twice(env):
+    env.login()
+    env.fake.download_delay_s = 0.3
+    first = _popen(env, "--ids", "1000", "1001", "1002")
+    time.sleep(0.6)
+    second = _popen(env, "--ids", "1000", "1001", "1002", "1003", "--wait-lock")
+    out1, err1 = first.communicate(timeout=30)
+    out2, err2 = second.communicate(timeout=30)
+    assert first.returncode == 0 and second.returncode == 0, err2
+    assert "waiting for another run" in err2
+    paths = [d["path"] for d in env.fake.downloads()]
+    assert sorted(paths) == sorted(set(paths)) and len(paths) == 4
+    _assert_library_exact(env, [1000, 1001, 1002, 1003])
+    assert_no_secrets(env.fake, out1, err1, out2, err2)
+
+
+def test_two_runs_sharing_a_state_folder_refresh_the_rotating_token_once(env, tmp_path):
+    token = env.login()
+    (env.state / "token.json").write_text(json.dumps({**token, "expires_at": 0}))
+    env.fake.token_delay_s = 0.5  # both runs want to refresh at the same moment
+    runs = [_popen(env, "--ids", "1000", "1001", out=tmp_path / "a"),
+            _popen(env, "--ids", "1002", "1003", out=tmp_path / "b")]
+    errors = [run.communicate(timeout=60)[1] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], errors
+    assert len(env.fake.requests_to("/oauth2/access_token/", method="POST")) == 1
+    rows = env.ledger()
+    assert sorted(r["sound_id"] for r in rows if r["kind"] == "download") == [1000, 1001, 1002, 1003]
+
+
+# -- soak ---------------------------------------------------------------------------------------------
+
+def test_soak_300_sounds_with_10_percent_random_faults(tmp_path):
+    fake = FakeFreesound(make_sounds(300, start_id=10_000, size=512, seed=7)).start()
+    try:
+        fake.chaos = Chaos(rate=0.10, seed=42)
+        env = Env(fake, tmp_path)
+        env.login()
+        for _ in range(3):  # a sound unlucky twice in a row fails this run and comes next run
+            result = env.run("--query", "", "--daily-cap", "1000", "--api-daily-cap", "5000", timeout=100)
+            if result.returncode == 0:
+                break
+            assert result.returncode == 1, result.output
+        assert result.returncode == 0, result.output
+        _assert_library_exact(env, range(10_000, 10_300))
+        per_sound = len(fake.downloads()) / 300
+        assert sum(fake.chaos.counts.values()) >= 20       # the faults really happened
+        assert per_sound <= 1.3, (per_sound, fake.chaos.counts)
+    finally:
+        fake.stop()
