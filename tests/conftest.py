@@ -58,7 +58,9 @@ class Env:
         argv = [sys.executable, str(SCRIPT), *(FAST if fast else []), "--output-dir", str(self.out), *args]
         proc = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=timeout,
                               env={**self.environ, **(env or {})})
-        assert_no_secrets(self.fake, proc.stdout, proc.stderr)
+        written = [p.read_text(errors="replace") for p in (self.out / "metadata.json", self.out / "ATTRIBUTION.txt")
+                   if p.exists()]
+        assert_no_secrets(self.fake, proc.stdout, proc.stderr, *written)
         return Result(proc.returncode, proc.stdout, proc.stderr)
 
     def login(self) -> dict:

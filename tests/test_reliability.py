@@ -54,6 +54,18 @@ def test_an_unreachable_server_is_retried_then_one_clear_error(env):
     assert "Traceback" not in result.stderr
 
 
+def test_a_200_answer_to_a_range_request_restarts_from_zero(env):
+    env.login()
+    sound = env.fake.sounds[1000]
+    env.out.mkdir()
+    (env.out / (sound.friendly_filename() + ".part")).write_bytes(b"stale bytes of another version")
+    env.fake.inject(r"/sounds/1000/download/$", 200, sound.data, headers={"Content-Type": "application/octet-stream"})
+    result = env.run("--ids", "1000")
+    assert result.returncode == 0, result.output
+    assert env.fake.downloads()[0]["headers"]["Range"] == "bytes=30-"
+    _assert_library_exact(env, [1000])
+
+
 def test_a_read_timeout_is_retried(env):
     env.login()
     sound = env.fake.sounds[1000]
