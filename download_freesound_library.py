@@ -1193,8 +1193,8 @@ def hash_file(path: Path, digest: hashlib._Hash | None = None) -> hashlib._Hash:
     return digest
 
 
-def download_to(api: Api, sound: dict, dest: Path, ui: Ui) -> None:
-    """Stream one original to `<dest>.part`, verify size and md5, rename it into place."""
+def download_to(api: Api, sound: dict, dest: Path, ui: Ui) -> Path:
+    """Stream one original to `<dest>.part` and verify its size and md5; returns the .part."""
     sound_id, size = int(sound["id"]), int(sound.get("filesize") or 0)
     part = dest.with_name(dest.name + PART_SUFFIX)
     offset = part.stat().st_size if part.exists() else 0
@@ -1218,7 +1218,8 @@ def download_to(api: Api, sound: dict, dest: Path, ui: Ui) -> None:
             # Hash while streaming; only a resumed file's existing bytes are read back.
             digest = hash_file(part) if offset else hashlib.md5()
             _write_body(response, part, offset, digest, size, ui, dest.name)
-    _verify_and_finalize(sound, part, dest, digest.hexdigest())
+    _verify(sound, part, digest.hexdigest())
+    return part
 
 
 def _write_body(response: requests.Response, part: Path, offset: int,
@@ -1236,7 +1237,7 @@ def _write_body(response: requests.Response, part: Path, offset: int,
             bar(len(chunk))
 
 
-def _verify_and_finalize(sound: dict, part: Path, dest: Path, md5_hex: str) -> None:
+def _verify(sound: dict, part: Path, md5_hex: str) -> None:
     sound_id, size = int(sound["id"]), int(sound.get("filesize") or 0)
     actual = part.stat().st_size
     if size and actual != size:
@@ -1246,7 +1247,26 @@ def _verify_and_finalize(sound: dict, part: Path, dest: Path, md5_hex: str) -> N
     if expected_md5 and md5_hex != expected_md5:
         part.unlink()
         raise CorruptDownload(sound_id, "md5 mismatch: the file was corrupted in transit")
-    os.replace(part, dest)
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM for the length of the block, so that a finished file and its
+    metadata entry land together; the signal is delivered as soon as the block ends."""
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    previous = {signum: signal.signal(signum, lambda number, frame: pending.append(number))
+                for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if pending:
+            signal.raise_signal(pending[0])
 
 
 ###############################################################################
@@ -1525,21 +1545,23 @@ class Runner:
     def _download_one(self, library: Library, sound: dict) -> None:
         name = sound_filename(sound)
         dest = library.folder / name
-        if not library.adoptable(sound, dest):
-            self._download_with_retries(sound, dest)
-            self.report.downloaded += 1
-            self.ui.info(f"downloaded {name} ({format_size(int(sound.get('filesize') or 0))})")
-        else:
+        if library.adoptable(sound, dest):
             self.report.skipped += 1
-        library.record(sound, name, time.time())
+            library.record(sound, name, time.time())
+            return
+        part = self._download_with_retries(sound, dest)
+        with signals_deferred():
+            os.replace(part, dest)
+            library.record(sound, name, time.time())
+        self.report.downloaded += 1
+        self.ui.info(f"downloaded {name} ({format_size(int(sound.get('filesize') or 0))})")
 
-    def _download_with_retries(self, sound: dict, dest: Path) -> None:
+    def _download_with_retries(self, sound: dict, dest: Path) -> Path:
         """Resume after a dropped connection; after a corrupt file, start over once."""
         api, sound_id = self.api(), int(sound["id"])
         for attempt in range(1, self.config.retries + 2):
             try:
-                download_to(api, sound, dest, self.ui)
-                return
+                return download_to(api, sound, dest, self.ui)
             except (requests.ConnectionError, requests.Timeout,
                     requests.exceptions.ChunkedEncodingError) as exc:
                 reason = f"connection lost mid-download ({type(exc).__name__})"
@@ -1550,6 +1572,7 @@ class Runner:
             if attempt > self.config.retries:
                 raise DownloadError(sound_id, f"{reason}; gave up after {attempt} tries")
             self.ui.info(f"sound {sound_id}: {reason}; trying again")
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 ###############################################################################

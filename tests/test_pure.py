@@ -403,3 +403,20 @@ def test_metadata_text_is_a_json_array_with_one_sound_per_line():
     assert json.loads(text) == entries
     assert text.splitlines()[1:3] == ['  {"id": 1, "name": "é"},', '  {"id": 2, "tags": ["a", "b"]}']
     assert json.loads(dl.metadata_text([])) == []
+
+
+@pytest.mark.parametrize("signum, raised", [("SIGINT", KeyboardInterrupt), ("SIGTERM", dl.Terminated)])
+def test_signals_are_held_until_a_file_and_its_metadata_have_landed(signum, raised):
+    import os
+    import signal
+    previous = signal.signal(signal.SIGTERM, dl._raise_terminated)
+    try:
+        steps = []
+        with pytest.raises(raised):
+            with dl.signals_deferred():
+                os.kill(os.getpid(), getattr(signal, signum))
+                steps.append("rename")      # still running: the signal is held
+                steps.append("metadata")
+        assert steps == ["rename", "metadata"]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
