@@ -53,10 +53,13 @@ import time
 import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, urlencode, urlsplit
 
-import freesound
-import requests
+# requests, freesound, oauthlib and tqdm are imported where they are first needed:
+# `--help`, usage errors and runs with nothing to fetch start without them.
+if TYPE_CHECKING:
+    import requests
 
 __version__ = "0.1.0"
 PROG = "download_freesound_library.py"
@@ -212,6 +215,7 @@ class Config:
     client_secret: str | None = None
     api_base: str = DEFAULT_API_BASE
     state_dir: Path = Path(".")
+    jobs: int = 1
     retries: int = DEFAULT_RETRIES
     backoff: float = DEFAULT_BACKOFF_S
     timeout: float = READ_TIMEOUT_S
@@ -884,7 +888,7 @@ class Auth:
             if exc.error == "invalid_grant" and params["grant_type"] == "refresh_token":
                 raise LoginExpired("the saved login has expired or was revoked") from None
             raise AuthError(_oauth_error_message(exc.error, params["grant_type"] or "")) from None
-        except requests.RequestException as exc:
+        except OSError as exc:  # requests' errors are OSErrors
             raise AuthError(f"could not reach the Freesound token endpoint: {type(exc).__name__}") from None
         return self.store.save(dict(response), self.clock())
 
@@ -980,24 +984,42 @@ class Limits:
         self.sleep(wait)
 
 
-class ApiSession(requests.Session):
+class ApiSession:
     """The one place where HTTP becomes our errors.
 
-    Every request, the freesound client's included, passes through send(): it is
-    kept to the API's origin, authenticated (API key for metadata, OAuth2 bearer
-    for downloads), paced and recorded, given a timeout, retried on 5xx, network
-    errors and per-minute 429s, and any other failure is raised as our error.
+    Every request, the freesound client's included (it is handed this object as its
+    session), passes through send(): it is kept to the API's origin, authenticated (API
+    key for metadata, OAuth2 bearer for downloads), paced and recorded, given a timeout,
+    retried on 5xx, network errors and per-minute 429s, and any other failure is raised
+    as our error. One requests.Session underneath keeps connections alive between calls.
     """
 
     def __init__(self, config: Config, limits: Limits, auth: Auth, ui: Ui,
                  sleep: Callable[[float], None] = time.sleep) -> None:
-        super().__init__()
-        # Not `self.auth`: requests.Session uses that name for its own per-request auth.
+        import requests
+
         self.config, self.limits, self.oauth, self.ui, self.sleep = config, limits, auth, ui, sleep
-        self.headers["User-Agent"] = USER_AGENT
-        self.headers["Accept"] = "application/json, */*"
+        self.http = requests.Session()
+        self.http.headers["User-Agent"] = USER_AGENT
+        self.http.headers["Accept"] = "application/json, */*"
+        # One pool for the API's single host, with a connection for every concurrent download.
+        adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=max(10, config.jobs + 2))
+        self.http.mount("https://", adapter)
+        self.http.mount("http://", adapter)
+
+    def prepare_request(self, request: requests.Request) -> requests.PreparedRequest:
+        """What the freesound client calls before send()."""
+        return self.http.prepare_request(request)
+
+    def get(self, url: str, headers: dict | None = None, stream: bool = False) -> requests.Response:
+        import requests
+
+        return self.send(self.http.prepare_request(requests.Request("GET", url, headers=headers)),
+                         stream=stream)
 
     def send(self, request: requests.PreparedRequest, **kwargs) -> requests.Response:
+        import requests
+
         url = request.url or ""
         if origin(url) != origin(self.config.api_base):
             raise ApiError(0, url, "refusing to send credentials to a host other than the API's")
@@ -1011,7 +1033,7 @@ class ApiSession(requests.Session):
             self._authenticate(request, kind)
             self.limits.acquire(kind, sound_id)
             try:
-                response = super().send(request, **kwargs)
+                response = self.http.send(request, **kwargs)
             except (requests.ConnectionError, requests.Timeout) as exc:
                 reason = f"network error: {type(exc).__name__}"
                 if attempt > self.config.retries:
@@ -1099,6 +1121,8 @@ class Api:
     """Searches through MTG's freesound client, downloads through the same session."""
 
     def __init__(self, config: Config, session: ApiSession) -> None:
+        import freesound
+
         # The client reads its base URL from this class attribute, nowhere else.
         freesound.URIS.BASE = config.api_base
         self.config = config
@@ -1108,6 +1132,8 @@ class Api:
     @staticmethod
     def _call(request: Callable[[], object], url: str) -> object:
         """Run a freesound-client call; its only own error left is an unparsable 200 body."""
+        import freesound
+
         try:
             return request()
         except freesound.FreesoundException as exc:
@@ -1558,6 +1584,8 @@ class Runner:
 
     def _download_with_retries(self, sound: dict, dest: Path) -> Path:
         """Resume after a dropped connection; after a corrupt file, start over once."""
+        import requests
+
         api, sound_id = self.api(), int(sound["id"])
         for attempt in range(1, self.config.retries + 2):
             try:
