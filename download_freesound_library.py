@@ -49,6 +49,7 @@ import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -96,6 +97,8 @@ SEARCH_FIELDS = (
 API_OWNED_KEYS = tuple(SEARCH_FIELDS.split(","))
 
 CHUNK_SIZE_BYTES = 256 * 1024
+DEFAULT_JOBS = 4
+MAX_JOBS = 16
 CONNECT_TIMEOUT_S = 10.0
 READ_TIMEOUT_S = 60.0
 DEFAULT_RETRIES = 4
@@ -189,6 +192,10 @@ class DailyLimitReached(FreesoundDownloadError):
 
 class Terminated(BaseException):
     """SIGTERM, raised in the main thread so `finally` blocks run as for Ctrl-C."""
+
+
+class Stopped(BaseException):
+    """A download thread told to stop (Ctrl-C in the main thread): its .part stays for next time."""
 
 
 ###############################################################################
@@ -792,6 +799,7 @@ class Auth:
         self.read_line, self.clock = read_line, clock
         self.token: dict | None = None
         self.pending_path = store.path.with_name("login-pending.json")
+        self._lock = threading.RLock()  # download threads share one token
 
     @property
     def token_url(self) -> str:
@@ -799,14 +807,15 @@ class Auth:
 
     def access_token(self) -> str:
         """A usable access token, logging in or refreshing as needed."""
-        if self.token is None:
-            self.token = self.store.load(self.ui.warn)
-        if self.token is None:
-            self.login()
-        elif self._expired(self.token):
-            self.refresh()
-        assert self.token is not None
-        return self.token["access_token"]
+        with self._lock:
+            if self.token is None:
+                self.token = self.store.load(self.ui.warn)
+            if self.token is None:
+                self.login()
+            elif self._expired(self.token):
+                self.refresh(self.token["access_token"])
+            assert self.token is not None
+            return self.token["access_token"]
 
     def login(self) -> None:
         if self.config.auth_code:
@@ -818,26 +827,27 @@ class Auth:
                                          code_verifier=verifier)
         self.pending_path.unlink(missing_ok=True)
 
-    def refresh(self) -> None:
-        """Refresh under token.lock: refresh tokens rotate, so two runs refreshing the same
-        one would leave the slower one logged out. The second run takes the first one's."""
-        with FileLock(self.store.path.with_name("token.lock")).held():
-            on_disk = self.store.load(self.ui.warn)
-            ours = self.token or {}
-            if (on_disk and on_disk.get("access_token") != ours.get("access_token")
-                    and not self._expired(on_disk)):
-                self.token = on_disk  # another run refreshed while we were working
-                return
-            refresh_token = (on_disk or ours).get("refresh_token")
-            try:
-                if refresh_token:
-                    self.token = self._token_request(grant_type="refresh_token",
-                                                     refresh_token=refresh_token)
+    def refresh(self, stale_access_token: str) -> None:
+        """Replace `stale_access_token`, under token.lock and once for everyone.
+
+        Refresh tokens rotate: a second refresh with the same one fails, and a later one
+        revokes the access token the first handed out. So whoever comes second (a thread,
+        or another run sharing the state folder) takes the token the first one saved."""
+        with self._lock:
+            with FileLock(self.store.path.with_name("token.lock")).held():
+                current = self.store.load(self.ui.warn) or self.token or {}
+                if current.get("access_token") != stale_access_token and not self._expired(current):
+                    self.token = current
                     return
-            except LoginExpired as exc:
-                self.ui.warn(f"{exc}; a new login is needed")
-        self.token = None
-        self.login()
+                try:
+                    if current.get("refresh_token"):
+                        self.token = self._token_request(grant_type="refresh_token",
+                                                         refresh_token=current["refresh_token"])
+                        return
+                except LoginExpired as exc:
+                    self.ui.warn(f"{exc}; a new login is needed")
+            self.token = None
+            self.login()
 
     def _expired(self, token: dict) -> bool:
         return token.get("expires_at", 0) - TOKEN_EXPIRY_MARGIN_S < self.clock()
@@ -1030,7 +1040,7 @@ class ApiSession:
         refreshed, attempt = False, 0
         while True:
             attempt += 1
-            self._authenticate(request, kind)
+            credential = self._authenticate(request, kind)
             self.limits.acquire(kind, sound_id)
             try:
                 response = self.http.send(request, **kwargs)
@@ -1050,7 +1060,7 @@ class ApiSession:
                 raise ApiError(status, url, f"unexpected redirect to {location}; not followed")
             if status == 401 and kind == "download" and not refreshed and _token_expired(response):
                 refreshed = True
-                self.oauth.refresh()
+                self.oauth.refresh(credential)
                 continue
             if status == 429 and throttle_kind(detail) == "day":
                 raise DailyLimitReached(f"Freesound's own daily limit ({detail})",
@@ -1065,11 +1075,15 @@ class ApiSession:
                 continue
             raise api_error(status, url, detail, kind)
 
-    def _authenticate(self, request: requests.PreparedRequest, kind: str) -> None:
+    def _authenticate(self, request: requests.PreparedRequest, kind: str) -> str:
+        """Set the Authorization header; returns the credential used."""
         if kind == "download":
-            request.headers["Authorization"] = f"Bearer {self.oauth.access_token()}"
+            credential = self.oauth.access_token()
+            request.headers["Authorization"] = f"Bearer {credential}"
         else:
-            request.headers["Authorization"] = f"Token {self.config.client_secret}"
+            credential = self.config.client_secret or ""
+            request.headers["Authorization"] = f"Token {credential}"
+        return credential
 
     def _check_attempts(self, attempt: int, status: int, url: str, detail: str) -> None:
         if attempt > self.config.retries:
@@ -1219,7 +1233,8 @@ def hash_file(path: Path, digest: hashlib._Hash | None = None) -> hashlib._Hash:
     return digest
 
 
-def download_to(api: Api, sound: dict, dest: Path, ui: Ui) -> Path:
+def download_to(api: Api, sound: dict, dest: Path, ui: Ui | _SlotUi,
+                stop: threading.Event | None = None) -> Path:
     """Stream one original to `<dest>.part` and verify its size and md5; returns the .part."""
     sound_id, size = int(sound["id"]), int(sound.get("filesize") or 0)
     part = dest.with_name(dest.name + PART_SUFFIX)
@@ -1243,15 +1258,17 @@ def download_to(api: Api, sound: dict, dest: Path, ui: Ui) -> Path:
                 raise CorruptDownload(sound_id, str(exc)) from None
             # Hash while streaming; only a resumed file's existing bytes are read back.
             digest = hash_file(part) if offset else hashlib.md5()
-            _write_body(response, part, offset, digest, size, ui, dest.name)
+            _write_body(response, part, offset, digest, size, ui, dest.name, stop)
     _verify(sound, part, digest.hexdigest())
     return part
 
 
-def _write_body(response: requests.Response, part: Path, offset: int,
-                digest: hashlib._Hash, size: int, ui: Ui, label: str) -> None:
+def _write_body(response: requests.Response, part: Path, offset: int, digest: hashlib._Hash,
+                size: int, ui: Ui | _SlotUi, label: str, stop: threading.Event | None = None) -> None:
     with part.open("ab" if offset else "wb") as handle, ui.file_progress(label, size, offset) as bar:
         for chunk in response.iter_content(CHUNK_SIZE_BYTES):
+            if stop is not None and stop.is_set():
+                raise Stopped()
             try:
                 handle.write(chunk)
             except OSError as exc:  # disk full, quota, folder gone: nothing later can succeed
@@ -1279,7 +1296,6 @@ def _verify(sound: dict, part: Path, md5_hex: str) -> None:
 def signals_deferred() -> Iterator[None]:
     """Hold Ctrl-C and SIGTERM for the length of the block, so that a finished file and its
     metadata entry land together; the signal is delivered as soon as the block ends."""
-    import threading
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -1339,20 +1355,34 @@ class Ui:
             self.overall.close()
             self.overall = None
 
+    def file_progress(self, label: str, size: int, initial: int, line: int = 1):
+        return _FileProgress(self, label, size, initial, line)
+
+    def slot(self, number: int) -> _SlotUi:
+        """The view of this Ui for download slot `number`: its file bar gets a line of its own."""
+        return _SlotUi(self, 1 + number)
+
+
+@dataclasses.dataclass
+class _SlotUi:
+    ui: Ui
+    line: int
+
     def file_progress(self, label: str, size: int, initial: int):
-        return _FileProgress(self, label, size, initial)
+        return self.ui.file_progress(label, size, initial, self.line)
 
 
 class _FileProgress:
-    def __init__(self, ui: Ui, label: str, size: int, initial: int) -> None:
-        self.ui, self.label, self.size, self.initial, self.bar = ui, label, size, initial, None
+    def __init__(self, ui: Ui, label: str, size: int, initial: int, line: int) -> None:
+        self.ui, self.label, self.size, self.initial, self.line = ui, label, size, initial, line
+        self.bar = None
 
     def __enter__(self) -> Callable[[int], None]:
         if self.ui.bars:
             from tqdm import tqdm
             self.bar = tqdm(total=self.size or None, initial=self.initial, desc=self.label[:40],
                             unit="B", unit_scale=True, unit_divisor=1024, leave=False,
-                            file=self.ui.stream, position=1)
+                            file=self.ui.stream, position=self.line)
             return self.bar.update
         return lambda n: None
 
@@ -1412,6 +1442,7 @@ class Library:
         self.folder = folder
         self.metadata_path = folder / "metadata.json"
         self.lock = FileLock(folder / self.LOCK_NAME)
+        self._write_lock = threading.Lock()  # one metadata writer, whatever --jobs is
         self._load()
 
     def _load(self) -> None:
@@ -1459,6 +1490,10 @@ class Library:
 
         Only the new entry is encoded: the others' lines are cached, so a download costs
         the same in a library of 10 sounds as in one of 10,000."""
+        with self._write_lock:
+            self._record(sound, file_name, now)
+
+    def _record(self, sound: dict, file_name: str, now: float) -> None:
         self.entries = merge_metadata(self.entries, metadata_entry(sound, file_name, iso_utc(now)))
         self.by_id = {int(entry["id"]): entry for entry in self.entries}
         sound_id = int(sound["id"])
@@ -1477,6 +1512,10 @@ class Runner:
         self._api: Api | None = None
         self._limits: Limits | None = None
         self._auth: Auth | None = None
+        self._stop = threading.Event()   # no new downloads: a daily limit, a fatal error, Ctrl-C
+        self._abort = threading.Event()  # Ctrl-C: downloads in flight stop too, keeping their .part
+        self._report_lock = threading.Lock()
+        self._fatal: BaseException | None = None
 
     # -- lazily built, so a run with nothing to fetch needs no credentials --
     def api(self) -> Api:
@@ -1552,44 +1591,97 @@ class Runner:
               + (f"; not found: {', '.join(map(str, self.report.missing))}" if self.report.missing else ""))
 
     def _download_all(self, library: Library, todo: list[dict]) -> None:
+        """Download `todo` with --jobs at once; all share the pacer, ledger and metadata writer."""
+        queue, queue_lock, done = iter(todo), threading.Lock(), [0]
+
+        def work(slot: int) -> None:
+            while not self._stop.is_set():
+                with queue_lock:
+                    sound = next(queue, None)
+                if sound is None:
+                    return
+                if self._download_counted(library, sound, slot):
+                    with queue_lock:
+                        done[0] += 1
+
         self.ui.start(len(todo))
         try:
-            for index, sound in enumerate(todo):
-                try:
-                    self._download_one(library, sound)
-                except DailyLimitReached as exc:
-                    self.report.stopped = exc
-                    self.report.remaining += len(todo) - index
-                    return
-                except DownloadError as exc:
-                    self.report.failed[exc.sound_id] = exc.reason
-                    self.ui.warn(str(exc))
-                self.ui.advance()
+            jobs = min(self.config.jobs, len(todo))
+            if jobs == 1:
+                work(0)  # in the main thread: Ctrl-C interrupts the download at once
+            else:
+                self._run_workers(work, jobs)
         finally:
             self.ui.finish()
+            if self.report.stopped is not None:
+                self.report.remaining += len(todo) - done[0]
+        if self._fatal is not None:
+            raise self._fatal
 
-    def _download_one(self, library: Library, sound: dict) -> None:
+    def _run_workers(self, work: Callable[[int], None], jobs: int) -> None:
+        def guarded(slot: int) -> None:
+            try:
+                work(slot)
+            except Stopped:
+                pass
+            except BaseException as exc:  # re-raised by the main thread, once all have stopped
+                self._fatal = self._fatal or exc
+                self._stop.set()
+
+        threads = [threading.Thread(target=guarded, args=(slot,), daemon=True) for slot in range(jobs)]
+        for thread in threads:
+            thread.start()
+        try:
+            while any(thread.is_alive() for thread in threads):
+                threads[0].join(0.1) if threads[0].is_alive() else time.sleep(0.1)
+        except (KeyboardInterrupt, Terminated):
+            self._stop.set()
+            self._abort.set()  # each download stops at its next chunk and keeps its .part
+            self.ui.info("stopping: letting the downloads in flight save their partial files")
+            for thread in threads:
+                thread.join()
+            raise
+
+    def _download_counted(self, library: Library, sound: dict, slot: int) -> bool:
+        """Download one sound and count the outcome; False if a daily limit stopped it."""
+        try:
+            self._download_one(library, sound, slot)
+        except DailyLimitReached as exc:
+            with self._report_lock:
+                self.report.stopped = self.report.stopped or exc
+            self._stop.set()
+            return False
+        except DownloadError as exc:
+            with self._report_lock:
+                self.report.failed[exc.sound_id] = exc.reason
+            self.ui.warn(str(exc))
+        self.ui.advance()
+        return True
+
+    def _download_one(self, library: Library, sound: dict, slot: int = 0) -> None:
         name = sound_filename(sound)
         dest = library.folder / name
         if library.adoptable(sound, dest):
-            self.report.skipped += 1
             library.record(sound, name, time.time())
+            with self._report_lock:
+                self.report.skipped += 1
             return
-        part = self._download_with_retries(sound, dest)
+        part = self._download_with_retries(sound, dest, slot)
         with signals_deferred():
             os.replace(part, dest)
             library.record(sound, name, time.time())
-        self.report.downloaded += 1
+        with self._report_lock:
+            self.report.downloaded += 1
         self.ui.info(f"downloaded {name} ({format_size(int(sound.get('filesize') or 0))})")
 
-    def _download_with_retries(self, sound: dict, dest: Path) -> Path:
+    def _download_with_retries(self, sound: dict, dest: Path, slot: int = 0) -> Path:
         """Resume after a dropped connection; after a corrupt file, start over once."""
         import requests
 
         api, sound_id = self.api(), int(sound["id"])
         for attempt in range(1, self.config.retries + 2):
             try:
-                return download_to(api, sound, dest, self.ui)
+                return download_to(api, sound, dest, self.ui.slot(slot), self._abort)
             except (requests.ConnectionError, requests.Timeout,
                     requests.exceptions.ChunkedEncodingError) as exc:
                 reason = f"connection lost mid-download ({type(exc).__name__})"
@@ -1638,6 +1730,8 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"all API requests per minute (default {DEFAULT_API_RATE_PER_MIN})")
     add("--api-daily-cap", type=int, default=DEFAULT_API_DAILY_CAP, metavar="N",
         help=f"all API requests per rolling 24 hours (default {DEFAULT_API_DAILY_CAP})")
+    add("-j", "--jobs", type=int, default=DEFAULT_JOBS, metavar="N",
+        help=f"downloads in flight at once, all under the same --rate (default {DEFAULT_JOBS})")
     add("--retries", type=int, default=DEFAULT_RETRIES, metavar="N",
         help=f"retries after network errors and 5xx answers (default {DEFAULT_RETRIES})")
     add("--backoff", type=float, default=DEFAULT_BACKOFF_S, metavar="SECONDS",
@@ -1723,6 +1817,8 @@ def config_from_args(args: argparse.Namespace, environ: dict, stdin=sys.stdin) -
     if args.retries < 0 or args.backoff < 0:
         raise UsageError("--retries and --backoff cannot be negative")
     _positive("--timeout", args.timeout)
+    if not 1 <= args.jobs <= MAX_JOBS:
+        raise UsageError(f"--jobs must be between 1 and {MAX_JOBS}, got {args.jobs}")
     state_dir = args.state_dir or environ.get(ENV_STATE_DIR)
     return Config(
         query=args.query, ids=read_ids(args, stdin), filter=args.filter, sort=args.sort,
@@ -1733,7 +1829,8 @@ def config_from_args(args: argparse.Namespace, environ: dict, stdin=sys.stdin) -
         client_secret=read_secret(args, environ),
         api_base=check_api_base(environ.get(ENV_API_URL) or DEFAULT_API_BASE),
         state_dir=Path(state_dir) if state_dir else default_state_dir(sys.platform, environ, Path.home()),
-        retries=args.retries, backoff=args.backoff, timeout=args.timeout, wait_lock=args.wait_lock,
+        jobs=args.jobs, retries=args.retries, backoff=args.backoff, timeout=args.timeout,
+        wait_lock=args.wait_lock,
         debug=args.debug, quiet=args.quiet)
 
 

@@ -223,7 +223,7 @@ def test_kill_9_at_random_points_then_one_clean_run_finishes_exactly(env):
 def test_a_second_run_on_the_same_folder_exits_2_naming_the_first(env):
     env.login()
     env.fake.download_delay_s = 0.5
-    first = _popen(env, "--ids", "1000", "1001", "1002")
+    first = _popen(env, "--ids", "1000", "1001", "1002", "--jobs", "1")
     time.sleep(0.8)
     second = env.run("--ids", "1000", "1001", "1002")
     assert second.returncode == 2, second.output
@@ -235,7 +235,7 @@ def test_a_second_run_on_the_same_folder_exits_2_naming_the_first(env):
 def test_with_wait_lock_the_second_run_waits_and_downloads_nothing_twice(env):
     env.login()
     env.fake.download_delay_s = 0.3
-    first = _popen(env, "--ids", "1000", "1001", "1002")
+    first = _popen(env, "--ids", "1000", "1001", "1002", "--jobs", "1")
     time.sleep(0.6)
     second = _popen(env, "--ids", "1000", "1001", "1002", "1003", "--wait-lock")
     out1, err1 = first.communicate(timeout=30)
