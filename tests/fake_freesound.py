@@ -21,6 +21,7 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import re
 import secrets
 import string
@@ -74,19 +75,38 @@ class FakeSound:
     pack_name: str | None = None
     data: bytes = b""
     moderated: bool = True  # unmoderated sounds have metadata but answer 404 to downloads
+    path: str | None = None  # serve this file instead of `data` (big originals for benchmarks)
+    _md5: str | None = None
+
+    @property
+    def size(self) -> int:
+        return os.path.getsize(self.path) if self.path else len(self.data)
+
+    @property
+    def md5(self) -> str:
+        if self._md5 is None:
+            digest = hashlib.md5()
+            if self.path:
+                with open(self.path, "rb") as handle:
+                    for block in iter(lambda: handle.read(1 << 20), b""):
+                        digest.update(block)
+            else:
+                digest.update(self.data)
+            self._md5 = digest.hexdigest()
+        return self._md5
 
     def as_json(self, base: str, fields: list[str] | None) -> dict:
         full = {
             "id": self.id, "url": f"https://freesound.org/people/{self.username}/sounds/{self.id}/",
             "name": self.name, "tags": self.tags, "description": self.description,
             "created": "2020-01-02T03:04:05Z", "license": LICENSES.get(self.license, self.license),
-            "type": self.type, "channels": self.channels, "filesize": len(self.data),
+            "type": self.type, "channels": self.channels, "filesize": self.size,
             "bitrate": 0, "bitdepth": self.bitdepth, "duration": self.duration,
             "samplerate": self.samplerate, "username": self.username, "pack": None,
             "pack_name": self.pack_name, "download": f"{base}/sounds/{self.id}/download/",
             "previews": {f"preview-{q}-{f}": f"{base}/previews/{self.id}-{q}.{f}"
                          for q in ("hq", "lq") for f in ("mp3", "ogg")},
-            "md5": hashlib.md5(self.data).hexdigest(), "num_downloads": 0,
+            "md5": self.md5, "num_downloads": 0,
         }
         if fields is None:
             fields = ["id", "name", "tags", "username", "license"]
@@ -174,7 +194,7 @@ def compile_filter(text: str):
 
     def predicate(sound: FakeSound) -> bool:
         results = (_value_matches(getattr(sound, attr if attr != "filesize" else "data")
-                                  if attr != "filesize" else len(sound.data), value)
+                                  if attr != "filesize" else sound.size, value)
                    for attr, value in clauses)
         return any(results) if any_or else all(results)
     return predicate
@@ -240,6 +260,7 @@ class FakeFreesound:
         self.download_delay_s = 0.0
         self.chaos: Chaos | None = None
         self.token_delay_s = 0.0  # widens the window in which two refreshes could race
+        self.connections = 0      # TCP connections accepted: keep-alive reuse shows here
         self.lock = threading.Lock()
         self._server = ThreadingHTTPServer((host, port), _make_handler(self))
         self._server.daemon_threads = True
@@ -364,6 +385,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, *args) -> None:  # keep test output clean
         pass
+
+    def setup(self) -> None:
+        super().setup()
+        with self.fake.lock:
+            self.fake.connections += 1
 
     # -- plumbing -----------------------------------------------------------------------
     def _send(self, status: int, body: bytes = b"", headers: dict | None = None) -> None:
@@ -587,32 +613,33 @@ class _Handler(BaseHTTPRequestHandler):
                 chaos = fake.chaos.pick()
             if chaos is not None and self._chaos(chaos, sound):
                 return
-        data, start = sound.data, 0
+        size, start = sound.size, 0
         headers = {"Content-Type": "application/octet-stream",
                    "Content-Disposition": f'attachment; filename="{sound.friendly_filename()}"',
                    "Accept-Ranges": "bytes"}
         match = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", "").strip())
         status = 200
-        if match:
+        if match:  # what nginx does for the real server
             start = int(match.group(1))
-            if start >= len(data):
-                return self._send(416, b"", {"Content-Range": f"bytes */{len(data)}"})
+            if start >= size:
+                return self._send(416, b"", {"Content-Range": f"bytes */{size}"})
             status = 206
-            headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
-        body = data[start:]
+            headers["Content-Range"] = f"bytes {start}-{size - 1}/{size}"
         self.send_response(status)
-        for key, value in {**headers, "Content-Length": str(len(body))}.items():
+        for key, value in {**headers, "Content-Length": str(size - start)}.items():
             self.send_header(key, value)
         self.end_headers()
         if fake.download_delay_s:
             time.sleep(fake.download_delay_s)
         cut = fake.drop_after.pop(sound_id, None)
-        if cut is not None:
-            self.wfile.write(body[:cut])
-            self.wfile.flush()
+        end = size if cut is None else min(size, start + cut)
+        if sound.path:
+            with open(sound.path, "rb") as handle:
+                self.connection.sendfile(handle, start, end - start)
+        else:
+            self.wfile.write(sound.data[start:end])
+        if cut is not None:  # drop the connection mid-body
             self.close_connection = True
-            return
-        self.wfile.write(body)
 
 
     def _chaos(self, fault: str, sound: FakeSound) -> bool:

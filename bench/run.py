@@ -1,0 +1,225 @@
+#!/usr/bin/env python3
+"""Benchmark download_freesound_library.py against baselines, side by side, on loopback.
+
+Starts the fake Freesound server from tests/, runs the real script as a subprocess, and runs
+each baseline in the same session, so ratios compare like with like on a noisy machine:
+
+    python bench/run.py            # the full figures (1 GiB originals; a few minutes)
+    python bench/run.py --quick    # small sizes, seconds (the test suite runs this)
+
+Prints one Markdown table and writes bench/results.json (or --results PATH).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+from fake_freesound import CLIENT_ID, CLIENT_SECRET, FakeFreesound, FakeSound, make_sounds  # noqa: E402
+
+SCRIPT = ROOT / "download_freesound_library.py"
+BASELINE = ROOT / "bench" / "baseline_freesound_client.py"
+UNLIMITED = ["--daily-cap", "1000000", "--api-daily-cap", "1000000"]
+PEAK_RSS = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, "
+            "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); "
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+
+
+@dataclass
+class Row:
+    measure: str
+    unit: str
+    ours: list[float]
+    baseline: list[float]
+    baseline_name: str
+    goal: str
+    met: bool
+
+    @staticmethod
+    def _fmt(values: list[float]) -> str:
+        if not values:
+            return "n/a"
+        med = statistics.median(values)
+        return f"{med:.3g} [{min(values):.3g}–{max(values):.3g}]" if len(values) > 1 else f"{med:.3g}"
+
+    @property
+    def ratio(self) -> float | None:
+        if not self.ours or not self.baseline or not statistics.median(self.baseline):
+            return None
+        return statistics.median(self.ours) / statistics.median(self.baseline)
+
+    def markdown(self) -> str:
+        ratio = f"{self.ratio:.2f}" if self.ratio is not None else "n/a"
+        return (f"| {self.measure} | {self._fmt(self.ours)} {self.unit} | {self._fmt(self.baseline)} {self.unit} "
+                f"({self.baseline_name}) | {ratio} | {self.goal} | {'yes' if self.met else 'NO'} |")
+
+
+class Session:
+    """One fake server and scratch folders; runs our script and the baselines against it."""
+
+    def __init__(self, fake: FakeFreesound, scratch: Path) -> None:
+        self.fake, self.scratch = fake, scratch
+        self.token = fake.issue_token()["access_token"]
+
+    def fresh(self) -> tuple[Path, Path]:
+        out, state = Path(tempfile.mkdtemp(dir=self.scratch)), Path(tempfile.mkdtemp(dir=self.scratch))
+        token = {"access_token": self.token, "refresh_token": "unused", "expires_in": 86400,
+                 "token_type": "Bearer", "scope": "read write", "expires_at": time.time() + 86400,
+                 "client_id": CLIENT_ID}
+        (state / "token.json").write_text(json.dumps(token))
+        return out, state
+
+    def env(self, state: Path) -> dict:
+        return {**os.environ, "FREESOUND_API_URL": self.fake.url, "FREESOUND_CLIENT_ID": CLIENT_ID,
+                "FREESOUND_CLIENT_SECRET": CLIENT_SECRET, "FREESOUND_STATE_DIR": str(state)}
+
+    def ours(self, *args: str) -> list[str]:
+        out, state = self.fresh()
+        self._state = state
+        return [sys.executable, str(SCRIPT), "--output-dir", str(out), "--quiet", *UNLIMITED, *args]
+
+    def baseline(self, *args: str) -> list[str]:
+        out, _ = self.fresh()
+        return [sys.executable, str(BASELINE), "--api", self.fake.url, "--token", self.token,
+                "--out", str(out), *args]
+
+    def run(self, argv: list[str]) -> float:
+        started = time.perf_counter()
+        subprocess.run(argv, env=self.env(getattr(self, "_state", self.scratch)), check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        return time.perf_counter() - started
+
+    def peak_rss_mib(self, argv: list[str]) -> float:
+        result = subprocess.run([sys.executable, "-c", PEAK_RSS, *argv], env=self.env(self._state),
+                                check=True, capture_output=True, text=True)
+        return int(result.stdout.strip()) / 1024  # ru_maxrss is in KiB on Linux
+
+    def requests_per_sound(self, argv: list[str], sounds: int) -> float:
+        before = len(self.fake.requests)
+        self.run(argv)
+        made = [r for r in self.fake.requests[before:] if "/oauth2/" not in r["path"]]
+        return len(made) / sounds
+
+    def start_span(self, argv: list[str]) -> float:
+        before = len(self.fake.downloads())
+        self.run(argv)
+        starts = [r["at"] for r in self.fake.downloads()[before:]]
+        return max(starts) - min(starts)
+
+
+def economy_rows(scratch: Path, sounds: int, runs: int) -> list[Row]:
+    with FakeFreesound(make_sounds(sounds, start_id=100_000, size=64)) as fake:
+        bench = Session(fake, scratch)
+        ids = [str(i) for i in range(100_000, 100_000 + sounds)]
+        fast = ["--rate", "600000", "--api-rate", "600000"]
+        rows = []
+        for name, ours_args, base_args in (
+                (f"requests per sound, {sounds}-ID list", ["--ids", *ids], ["--ids", *ids]),
+                (f"requests per sound, {sounds}-result search", ["--query", ""], ["--query", ""])):
+            ours = [bench.requests_per_sound(bench.ours(*ours_args, *fast), sounds) for _ in range(runs)]
+            base = [bench.requests_per_sound(bench.baseline(*base_args), sounds) for _ in range(runs)]
+            rows.append(Row(name, "req", ours, base, "get_sound + retrieve", "≤ 1.02",
+                            statistics.median(ours) <= 1.02))
+        return rows
+
+
+def pacing_rows(scratch: Path, downloads: int, runs: int) -> list[Row]:
+    rate = 600
+    ideal = (downloads - 1) * 60 / rate
+    rows = []
+    for regime, delay in (("transfer 20 ms", 0.02), ("transfer 300 ms", 0.3)):
+        with FakeFreesound(make_sounds(downloads, start_id=200_000, size=1024)) as fake:
+            fake.download_delay_s = delay
+            bench = Session(fake, scratch)
+            ids = [str(i) for i in range(200_000, 200_000 + downloads)]
+            ours = [ideal / bench.start_span(bench.ours("--ids", *ids, "--rate", str(rate), "--api-rate", str(rate)))
+                    for _ in range(runs)]
+            base = [ideal / bench.start_span(bench.baseline("--ids", *ids, "--sleep-after", str(60 / rate)))
+                    for _ in range(runs)]
+            rows.append(Row(f"pacing efficiency, {downloads} downloads at --rate {rate}, {regime}", "", ours, base,
+                            "sleep after each file", "≥ 0.95", statistics.median(ours) >= 0.95))
+    return rows
+
+
+def big_file(scratch: Path, size: int) -> Path:
+    path = scratch / "original.bin"
+    block = os.urandom(1 << 20)
+    with path.open("wb") as handle:
+        for index in range(size >> 20):
+            handle.write(index.to_bytes(8, "little") + block[8:])
+    return path
+
+
+def transfer_rows(scratch: Path, size: int, runs: int) -> list[Row]:
+    path = big_file(scratch, size)
+    sound = FakeSound(id=300_000, name="big original.wav", username="bench", path=str(path))
+    label = f"{size >> 20} MiB original"
+    with FakeFreesound([sound]) as fake:
+        bench = Session(fake, scratch)
+        sound.md5  # hashed once here, not inside a timed run
+        ours_argv = lambda: bench.ours("--ids", "300000")  # noqa: E731
+        rss = [bench.peak_rss_mib(ours_argv()) for _ in range(runs)]
+        base_rss = [bench.peak_rss_mib(bench.baseline("--ids", "300000")) for _ in range(runs)]
+        rows = [Row(f"peak RSS, {label}", "MiB", rss, base_rss, "client Sound.retrieve", "≤ 64 MiB",
+                    statistics.median(rss) <= 64)]
+        curl = shutil.which("curl")
+        ours_s = [bench.run(ours_argv()) for _ in range(runs)]
+        curl_s = []
+        if curl:
+            url = f"{fake.url}/sounds/300000/download/"
+            for _ in range(runs):
+                out = Path(tempfile.mkdtemp(dir=scratch)) / "curl.bin"
+                curl_s.append(bench.run([curl, "-sf", "-o", str(out), "-H", f"Authorization: Bearer {bench.token}", url]))
+        ratio_ok = bool(curl_s) and statistics.median(ours_s) <= 1.3 * statistics.median(curl_s)
+        rows.append(Row(f"wall time, {label} (whole run vs one curl GET)", "s", ours_s, curl_s, "curl",
+                        "≤ 1.3 × curl", ratio_ok))
+        return rows
+
+
+def startup_row(runs: int) -> Row:
+    def timed(argv: list[str]) -> float:
+        started = time.perf_counter()
+        subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
+        return time.perf_counter() - started
+
+    ours = [timed([sys.executable, str(SCRIPT), "--help"]) for _ in range(runs)]
+    bare = [timed([sys.executable, "-c", "pass"]) for _ in range(runs)]
+    extra = statistics.median(ours) - statistics.median(bare)
+    return Row("start-up, --help", "s", ours, bare, "python -c pass", "< +0.25 s", extra < 0.25)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small sizes and one run each: a smoke test")
+    parser.add_argument("--runs", type=int, help="runs per figure (default 3, or 1 with --quick)")
+    parser.add_argument("--results", default=str(ROOT / "bench" / "results.json"))
+    args = parser.parse_args()
+    runs = args.runs or (1 if args.quick else 3)
+    sounds, downloads, size = (20, 8, 8 << 20) if args.quick else (300, 40, 1 << 30)
+    scratch = Path(tempfile.mkdtemp(prefix="freesound-bench-"))
+    try:
+        rows = [*economy_rows(scratch, sounds, runs), *pacing_rows(scratch, downloads, runs),
+                *transfer_rows(scratch, size, runs), startup_row(max(runs, 5))]
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    print(f"Measured {time.strftime('%Y-%m-%d')} on {os.cpu_count()} cores, median [min–max] of {runs} run(s).\n")
+    print("| measure | ours | baseline | ratio | goal | met |\n|---|---|---|---|---|---|")
+    print("\n".join(row.markdown() for row in rows))
+    Path(args.results).write_text(json.dumps(
+        {"date": time.strftime("%Y-%m-%d"), "cores": os.cpu_count(), "runs": runs, "quick": args.quick,
+         "rows": [{**asdict(row), "ratio": row.ratio} for row in rows]}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
