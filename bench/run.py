@@ -198,13 +198,51 @@ def startup_row(runs: int) -> Row:
     return Row("start-up, --help", "s", ours, bare, "python -c pass", "< +0.25 s", extra < 0.25)
 
 
+def chunk_sweep(scratch: Path, size: int, runs: int) -> None:
+    """MiB/s of the script's download loop (iter_content, file write, background md5) per chunk size."""
+    import hashlib
+
+    import requests
+
+    sys.path.insert(0, str(ROOT))
+    from download_freesound_library import BackgroundMd5
+
+    path = big_file(scratch, size)
+    sound = FakeSound(id=1, name="x.wav", username="u", path=str(path))
+    with FakeFreesound([sound]) as fake:
+        token = fake.issue_token()["access_token"]
+        url = f"{fake.url}/sounds/1/download/"
+        print(f"| chunk size | MiB/s, {size >> 20} MiB over loopback (median of {runs}) |\n|---|---|")
+        with requests.Session() as http:
+            for chunk in (16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20):
+                speeds = []
+                for _ in range(runs):
+                    started = time.perf_counter()
+                    with http.get(url, headers={"Authorization": f"Bearer {token}"}, stream=True) as response, \
+                            (scratch / "out.bin").open("wb") as handle, BackgroundMd5(hashlib.md5()) as digest:
+                        for block in response.iter_content(chunk):
+                            handle.write(block)
+                            digest.update(block)
+                    assert digest.hexdigest() == sound.md5
+                    speeds.append(size / (1 << 20) / (time.perf_counter() - started))
+                print(f"| {chunk >> 10} KiB | {statistics.median(speeds):.0f} |")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes and one run each: a smoke test")
     parser.add_argument("--runs", type=int, help="runs per figure (default 3, or 1 with --quick)")
     parser.add_argument("--results", default=str(ROOT / "bench" / "results.json"))
+    parser.add_argument("--chunks", action="store_true", help="only measure the download loop per chunk size")
     args = parser.parse_args()
     runs = args.runs or (1 if args.quick else 3)
+    if args.chunks:
+        scratch = Path(tempfile.mkdtemp(prefix="freesound-bench-"))
+        try:
+            chunk_sweep(scratch, 32 << 20 if args.quick else 512 << 20, runs)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return 0
     sounds, downloads, size = (20, 8, 8 << 20) if args.quick else (300, 40, 1 << 30)
     scratch = Path(tempfile.mkdtemp(prefix="freesound-bench-"))
     try:

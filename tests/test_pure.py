@@ -420,3 +420,19 @@ def test_signals_are_held_until_a_file_and_its_metadata_have_landed(signum, rais
         assert steps == ["rename", "metadata"]
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_background_md5_equals_hashlib_and_always_stops_its_thread():
+    import hashlib
+    import threading
+    chunks = [bytes([n]) * 70_000 for n in range(20)]
+    with dl.BackgroundMd5(hashlib.md5()) as digest:
+        for chunk in chunks:
+            digest.update(chunk)
+    assert digest.hexdigest() == hashlib.md5(b"".join(chunks)).hexdigest()
+    before = threading.active_count()
+    with pytest.raises(RuntimeError):
+        with dl.BackgroundMd5(hashlib.md5()) as digest:
+            digest.update(b"x")
+            raise RuntimeError("the download failed")
+    assert threading.active_count() == before
