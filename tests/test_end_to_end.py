@@ -362,8 +362,8 @@ def test_an_interrupted_part_file_is_resumed_with_range(env):
 
 
 def test_a_connection_dropped_mid_body_is_resumed(env):
-    env.fake.add(FakeSound(id=50, name="big.wav", username="u", data=os.urandom(1_500_000)))
-    env.fake.drop_after[50] = 1_000_000
+    env.fake.add(FakeSound(id=50, name="big.wav", username="u", data=os.urandom(3_000_000)))
+    env.fake.drop_after[50] = 2_500_000  # past two whole 1 MiB chunks
     env.login()
     result = env.run("--ids", "50")
     assert result.returncode == 0, result.output
