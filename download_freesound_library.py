@@ -617,11 +617,15 @@ class FileLock:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._handle = None
+        self._threads = threading.Lock()  # flock excludes other processes; this, our threads
 
     def acquire(self, wait: bool) -> bool:
+        if not self._threads.acquire(blocking=wait):
+            return False
         handle = open(self.path, "a+", encoding="utf-8")
         if not _lock_fd(handle.fileno(), wait):
             handle.close()
+            self._threads.release()
             return False
         self._handle = handle
         return True
@@ -630,6 +634,7 @@ class FileLock:
         if self._handle is not None:
             self._handle.close()  # closing the descriptor drops the lock
             self._handle = None
+            self._threads.release()
 
     def write_owner(self, text: str) -> None:
         assert self._handle is not None

@@ -436,3 +436,27 @@ def test_background_md5_equals_hashlib_and_always_stops_its_thread():
             digest.update(b"x")
             raise RuntimeError("the download failed")
     assert threading.active_count() == before
+
+
+def test_the_ledger_lock_serialises_threads_as_well_as_processes(tmp_path):
+    import threading
+    ledger = dl.Ledger(tmp_path / "ledger.jsonl", "cid", print)
+    errors = []
+
+    def append_many(worker: int) -> None:
+        try:
+            for n in range(50):
+                with ledger.locked():
+                    ledger.sync()
+                    ledger.append("download", worker * 1000 + n, sound_id=n)
+        except Exception as exc:  # noqa: BLE001 - collected for the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=append_many, args=(worker,)) for worker in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert len(ledger.times()) == 400
+    assert len((tmp_path / "ledger.jsonl").read_text().splitlines()) == 400
