@@ -1680,8 +1680,8 @@ class Runner:
         for thread in threads:
             thread.start()
         try:
-            while any(thread.is_alive() for thread in threads):
-                threads[0].join(0.1) if threads[0].is_alive() else time.sleep(0.1)
+            while alive := [thread for thread in threads if thread.is_alive()]:
+                alive[0].join(0.1)  # a short join, so that Ctrl-C reaches this thread
         except (KeyboardInterrupt, Terminated):
             self._stop.set()
             self._abort.set()  # each download stops at its next chunk and keeps its .part
