@@ -396,10 +396,13 @@ def window_frees_at(times: Sequence[float], limit: int, now: float, window_s: fl
 
 
 def pacing_delay(last_start: float | None, interval_s: float, now: float) -> float:
-    """Seconds to wait so that starts are at least `interval_s` apart (start-to-start)."""
+    """Seconds to wait so that starts are at least `interval_s` apart (start-to-start).
+
+    Never more than one interval: after the clock was set back, the last start looks
+    like it is in the future, and waiting for it would stall the run for that long."""
     if last_start is None:
         return 0.0
-    return max(0.0, last_start + interval_s - now)
+    return min(interval_s, max(0.0, last_start + interval_s - now))
 
 
 def backoff_delay(attempt: int, base_s: float, rand: float, cap_s: float = BACKOFF_MAX_S) -> float:

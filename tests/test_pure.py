@@ -141,6 +141,7 @@ def test_default_state_dir(platform, environ, expected):
     (99.0, 2.0, 100.0, 1.0),     # started 1 s ago: wait the rest of the interval
     (95.0, 2.0, 100.0, 0.0),     # a slow download used the interval up: no extra sleep
     (100.0, 2.0, 100.0, 2.0),
+    (4000.0, 2.0, 100.0, 2.0),   # the clock went back an hour: wait one interval, not an hour
 ])
 def test_pacing_delay_is_start_to_start(last, interval, now, expected):
     assert dl.pacing_delay(last, interval, now) == pytest.approx(expected)
