@@ -219,6 +219,7 @@ class Config:
     api_rate: float = DEFAULT_API_RATE_PER_MIN
     api_daily_cap: int = DEFAULT_API_DAILY_CAP
     dry_run: bool = False
+    print_filter: bool = False
     login: bool = False
     auth_code: str | None = None
     client_id: str | None = None
@@ -274,6 +275,50 @@ def parse_id_lines(lines: Iterable[str], source: str) -> list[int]:
             raise UsageError(f"{source}, line {number}: not a Freesound sound ID or URL: {text!r}")
         ids.setdefault(sound_id, None)
     return list(ids)
+
+
+# What --license takes, and the licence *names* Freesound's filters match (not the deed URLs).
+LICENSE_FILTER_NAMES = {"cc0": "Creative Commons 0", "by": "Attribution",
+                        "by-nc": "Attribution NonCommercial", "sampling+": "Sampling+"}
+AUDIO_TYPES = ("wav", "flac", "aiff", "ogg", "mp3", "m4a")
+
+
+def quote_filter_value(value: str) -> str:
+    """A Solr phrase: double quotes around it, backslash and double quote escaped inside."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _number(value: float) -> str:
+    return f"{value:g}"
+
+
+def build_filter(user_filter: str | None = None, *, licenses: Sequence[str] = (),
+                 min_duration: float | None = None, max_duration: float | None = None,
+                 types: Sequence[str] = (), samplerate: int | None = None, bitdepth: int | None = None,
+                 channels: int | None = None, tags: Sequence[str] = ()) -> str | None:
+    """The helpers' clauses in Solr syntax, ANDed (space-separated) with --filter.
+
+    Licences and types are ORed within their flag, tags ANDed. A --filter with OR in it
+    is put in parentheses, so that the clauses added after it cannot change its meaning.
+    """
+    clauses = []
+    if licenses:
+        names = " OR ".join(quote_filter_value(LICENSE_FILTER_NAMES[name]) for name in dict.fromkeys(licenses))
+        clauses.append(f"license:({names})")
+    if min_duration is not None or max_duration is not None:
+        low = "*" if min_duration is None else _number(min_duration)
+        high = "*" if max_duration is None else _number(max_duration)
+        clauses.append(f"duration:[{low} TO {high}]")
+    if types:
+        clauses.append("type:(" + " OR ".join(dict.fromkeys(types)) + ")" if len(set(types)) > 1
+                       else f"type:{types[0]}")
+    for field, value in (("samplerate", samplerate), ("bitdepth", bitdepth), ("channels", channels)):
+        if value is not None:
+            clauses.append(f"{field}:{value}")
+    clauses += [f"tag:{quote_filter_value(tag)}" for tag in tags]
+    if user_filter and clauses and " OR " in user_filter and not user_filter.startswith("{!"):
+        user_filter = f"({user_filter})"
+    return " ".join(([user_filter] if user_filter else []) + clauses) or None
 
 
 def id_filter(sound_ids: Sequence[int]) -> str:
@@ -1770,6 +1815,17 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--ids", nargs="+", metavar="ID_OR_URL", help="sound IDs or URLs")
     add = parser.add_argument
     add("-f", "--filter", metavar="SOLR", help="Solr filter, passed to the API as is")
+    helpers = parser.add_argument_group("filter helpers (compiled to Solr syntax and ANDed with --filter)")
+    helpers.add_argument("--license", action="append", default=[], choices=list(LICENSE_FILTER_NAMES),
+                         help="repeatable; any of them")
+    helpers.add_argument("--min-duration", type=float, metavar="SECONDS")
+    helpers.add_argument("--max-duration", type=float, metavar="SECONDS")
+    helpers.add_argument("--type", action="append", default=[], choices=AUDIO_TYPES, help="repeatable; any of them")
+    helpers.add_argument("--samplerate", type=int, metavar="HZ")
+    helpers.add_argument("--bitdepth", type=int, metavar="BITS")
+    helpers.add_argument("--channels", type=int, metavar="N")
+    helpers.add_argument("--tag", action="append", default=[], metavar="TAG", help="repeatable; all of them")
+    helpers.add_argument("--print-filter", action="store_true", help="print the compiled filter and exit")
     add("--sort", metavar="KEY", help="one of: " + ", ".join(SORT_KEYS))
     add("--max", type=int, metavar="N", help="download at most N new sounds this run")
     add("-o", "--output-dir", default="sounds", metavar="DIR", help="output folder (default: ./sounds)")
@@ -1850,17 +1906,33 @@ def check_api_base(url: str) -> str:
     return url
 
 
+def filter_from_args(args: argparse.Namespace) -> str | None:
+    if args.filter is not None and not args.filter.strip():
+        raise UsageError("--filter is empty (Freesound answers 'Invalid filter'); leave it out instead")
+    for name in ("min_duration", "max_duration", "samplerate", "bitdepth", "channels"):
+        value = getattr(args, name)
+        if value is not None and (value < 0 or not math.isfinite(value)):
+            raise UsageError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
+    if None not in (args.min_duration, args.max_duration) and args.min_duration > args.max_duration:
+        raise UsageError(f"--min-duration {args.min_duration:g} is above --max-duration {args.max_duration:g}")
+    if any(not tag.strip() for tag in args.tag):
+        raise UsageError("--tag cannot be empty")
+    return build_filter(args.filter, licenses=args.license, min_duration=args.min_duration,
+                        max_duration=args.max_duration, types=args.type, samplerate=args.samplerate,
+                        bitdepth=args.bitdepth, channels=args.channels, tags=args.tag)
+
+
 def config_from_args(args: argparse.Namespace, environ: dict, stdin=sys.stdin) -> Config:
     """Validate the parsed flags and environment into a Config; raise UsageError on bad input."""
     if args.login:
         if args.query is not None or args.ids or args.ids_file:
             raise UsageError("--login takes no source; it only logs in")
+    elif args.print_filter:
+        pass
     elif args.query is None and args.ids is None and args.ids_file is None:
         raise UsageError("give exactly one source: --query TEXT, --ids-file PATH or --ids ID ...")
     if args.sort is not None and args.sort not in SORT_KEYS:
         raise UsageError(f"--sort {args.sort!r} is not one of: {', '.join(SORT_KEYS)}")
-    if args.filter is not None and not args.filter.strip():
-        raise UsageError("--filter is empty (Freesound answers 'Invalid filter'); leave it out instead")
     for name, value in (("--rate", args.rate), ("--api-rate", args.api_rate),
                         ("--daily-cap", args.daily_cap), ("--api-daily-cap", args.api_daily_cap)):
         _positive(name, value)
@@ -1872,9 +1944,10 @@ def config_from_args(args: argparse.Namespace, environ: dict, stdin=sys.stdin) -
         raise UsageError(f"--jobs must be between 1 and {MAX_JOBS}, got {args.jobs}")
     state_dir = args.state_dir or environ.get(ENV_STATE_DIR)
     return Config(
-        query=args.query, ids=read_ids(args, stdin), filter=args.filter, sort=args.sort,
+        query=args.query, ids=read_ids(args, stdin), filter=filter_from_args(args), sort=args.sort,
         max=args.max, output_dir=Path(args.output_dir), rate=args.rate, daily_cap=args.daily_cap,
         api_rate=args.api_rate, api_daily_cap=args.api_daily_cap, dry_run=args.dry_run,
+        print_filter=args.print_filter,
         login=args.login, auth_code=args.auth_code,
         client_id=args.client_id or environ.get(ENV_CLIENT_ID),
         client_secret=read_secret(args, environ),
@@ -1900,6 +1973,9 @@ def program(config: Config, ui: Ui, stdin) -> ExitCode:
             ui.prompt("\n")  # a piped answer is not echoed: end the prompt line ourselves
         return line
 
+    if config.print_filter:
+        print(config.filter or "")
+        return ExitCode.SUCCESS
     runner = Runner(config, ui, read_line=read_line)
     if config.login:
         runner.login_only()

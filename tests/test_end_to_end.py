@@ -532,3 +532,25 @@ def test_search_pages_and_downloads_reuse_one_keep_alive_connection(env):
     assert result.returncode == 0, result.output
     assert len(env.fake.requests_to("/search/")) == 2 and len(env.fake.downloads()) == 3
     assert env.fake.connections == 1
+
+
+def test_filter_helpers_compile_into_the_search_filter_and_select_what_they_say(env):
+    env.login()
+    result = env.run("--query", "", "--license", "cc0", "--license", "by", "--type", "wav",
+                     "--min-duration", "1", "--max-duration", "20", "--tag", "field-recording")
+    assert result.returncode == 0, result.output
+    sent = env.fake.requests_to("/search/")[0]["query"]["filter"]
+    assert sent == ('license:("Creative Commons 0" OR "Attribution") type:wav duration:[1 TO 20] '
+                    'tag:"field-recording"')
+    expected = sorted(s.id for s in env.fake.sounds.values()
+                      if s.license in ("Creative Commons 0", "Attribution") and s.type == "wav"
+                      and 1 <= s.duration <= 20 and "field-recording" in s.tags)
+    assert expected and [e["id"] for e in env.metadata()] == expected
+
+
+def test_print_filter_shows_the_compiled_filter_and_needs_nothing_else(env):
+    result = env.run("--print-filter", "--license", "by-nc", "--channels", "1", "-f", "tag:a OR tag:b",
+                     env={"FREESOUND_CLIENT_ID": "", "FREESOUND_CLIENT_SECRET": ""})
+    assert result.returncode == 0, result.output
+    assert result.stdout == '(tag:a OR tag:b) license:("Attribution NonCommercial") channels:1\n'
+    assert not env.fake.requests

@@ -461,3 +461,28 @@ def test_the_ledger_lock_serialises_threads_as_well_as_processes(tmp_path):
     assert errors == []
     assert len(ledger.times()) == 400
     assert len((tmp_path / "ledger.jsonl").read_text().splitlines()) == 400
+
+
+# -- filter helpers ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, expected", [
+    ({}, None),
+    ({"user_filter": "tag:rain"}, "tag:rain"),
+    ({"licenses": ["cc0"]}, 'license:("Creative Commons 0")'),
+    ({"licenses": ["by", "by-nc", "by"]}, 'license:("Attribution" OR "Attribution NonCommercial")'),
+    ({"licenses": ["sampling+"]}, 'license:("Sampling+")'),
+    ({"min_duration": 1.5}, "duration:[1.5 TO *]"),
+    ({"max_duration": 30}, "duration:[* TO 30]"),
+    ({"min_duration": 0, "max_duration": 2}, "duration:[0 TO 2]"),
+    ({"types": ["wav"]}, "type:wav"),
+    ({"types": ["wav", "flac"]}, "type:(wav OR flac)"),
+    ({"samplerate": 48000, "bitdepth": 24, "channels": 1}, "samplerate:48000 bitdepth:24 channels:1"),
+    ({"tags": ["rain", "heavy rain"]}, 'tag:"rain" tag:"heavy rain"'),
+    ({"tags": ['say "hi"', "back\\slash"]}, 'tag:"say \\"hi\\"" tag:"back\\\\slash"'),
+    ({"user_filter": "tag:a OR tag:b", "channels": 2}, "(tag:a OR tag:b) channels:2"),  # keep its meaning
+    ({"user_filter": "tag:a OR tag:b"}, "tag:a OR tag:b"),                              # alone: as is
+    ({"user_filter": "pack:x", "licenses": ["cc0"], "tags": ["dog"]},
+     'pack:x license:("Creative Commons 0") tag:"dog"'),
+])
+def test_build_filter(kwargs, expected):
+    assert dl.build_filter(**kwargs) == expected
