@@ -540,7 +540,7 @@ def test_filter_helpers_compile_into_the_search_filter_and_select_what_they_say(
                      "--min-duration", "1", "--max-duration", "20", "--tag", "field-recording")
     assert result.returncode == 0, result.output
     sent = env.fake.requests_to("/search/")[0]["query"]["filter"]
-    assert sent == ('license:("Creative Commons 0" OR "Attribution") type:wav duration:[1 TO 20] '
+    assert sent == ('license:("Creative Commons 0" OR "Attribution") duration:[1 TO 20] type:wav '
                     'tag:"field-recording"')
     expected = sorted(s.id for s in env.fake.sounds.values()
                       if s.license in ("Creative Commons 0", "Attribution") and s.type == "wav"
