@@ -220,6 +220,8 @@ class Config:
     api_daily_cap: int = DEFAULT_API_DAILY_CAP
     dry_run: bool = False
     print_filter: bool = False
+    json: bool = False
+    sidecars: bool = False
     login: bool = False
     auth_code: str | None = None
     client_id: str | None = None
@@ -495,6 +497,37 @@ def runs_needed(new: int, daily_cap: int, used_now: int) -> int:
     return later + (1 if left_now else 0)
 
 
+def plan(todo: Sequence[dict], selected: int, present: int, not_found: Sequence[int],
+         daily_cap: int, used_now: int) -> dict:
+    """What --dry-run reports: the new sounds by licence, their size, the daily runs they need."""
+    by_license: dict[str, dict] = {}
+    for sound in todo:
+        row = by_license.setdefault(license_name(str(sound.get("license") or "")), {"sounds": 0, "bytes": 0})
+        row["sounds"] += 1
+        row["bytes"] += int(sound.get("filesize") or 0)
+    return {"selected": selected, "present": present, "new": len(todo),
+            "new_bytes": sum(row["bytes"] for row in by_license.values()),
+            "by_license": dict(sorted(by_license.items())), "not_found": list(not_found),
+            "daily_cap": daily_cap, "downloads_used": used_now,
+            "runs": runs_needed(len(todo), daily_cap, used_now)}
+
+
+def plan_text(summary: dict) -> str:
+    lines = [f"{summary['selected']} sounds selected, {summary['present']} already present, "
+             f"{summary['new']} new ({format_size(summary['new_bytes'])})"]
+    if summary["by_license"]:
+        lines += ["", "| licence | sounds | size |", "|---|---:|---:|"]
+        lines += [f"| {name} | {row['sounds']} | {format_size(row['bytes'])} |"
+                  for name, row in summary["by_license"].items()]
+        lines.append("")
+    runs = summary["runs"]
+    lines.append(f"at --daily-cap {summary['daily_cap']} ({summary['downloads_used']} used in the last "
+                 f"24 hours) that takes {runs} run{'s' if runs != 1 else ''}, one a day")
+    if summary["not_found"]:
+        lines.append("not found on Freesound: " + ", ".join(map(str, summary["not_found"])))
+    return "\n".join(lines)
+
+
 def format_utc(moment: dt.datetime | float) -> str:
     if not isinstance(moment, dt.datetime):
         moment = dt.datetime.fromtimestamp(moment, dt.timezone.utc)
@@ -581,6 +614,29 @@ def attribution_text(entries: Sequence[dict]) -> str:
         parts.append(f"\n{name} ({len(members)} sound{'s' if len(members) != 1 else ''})\n")
         parts.extend(attribution_line(entry) + "\n" for entry in members)
     return "".join(parts)
+
+
+FAILED_IDS_HEADER = (f"# Sounds that could not be downloaded, with the reason. Retry them with:\n"
+                     f"#   {PROG} --ids-file failed_ids.txt")
+
+
+def _line_sound_id(line: str) -> int | None:
+    text = re.sub(r"(^|\s)#.*", "", line).strip()
+    return parse_sound_ref(text) if text else None
+
+
+def failed_ids_text(text: str, sound_id: int, note: str | None) -> str | None:
+    """failed_ids.txt with `sound_id`'s line replaced by `note`, or removed (None).
+
+    Returns None when no sound is left in it: the file can go."""
+    lines = [line for line in text.splitlines() if _line_sound_id(line) != sound_id]
+    if note is not None:
+        lines.append(f"{sound_id}  # {' '.join(note.split())}")
+    if not any(_line_sound_id(line) for line in lines):
+        return None
+    if not text:
+        lines.insert(0, FAILED_IDS_HEADER)
+    return "\n".join(lines) + "\n"
 
 
 def parse_pasted_code(text: str, expected_state: str) -> str:
@@ -984,11 +1040,19 @@ class Limits:
                  clock: Callable[[], float] = time.time, sleep: Callable[[float], None] = time.sleep):
         self.config, self.ledger, self.ui, self.clock, self.sleep = config, ledger, ui, clock, sleep
 
-    def downloads_left(self) -> int:
+    def window_state(self) -> dict:
+        """The rolling windows as they stand: what --status, --json and summaries report."""
         with self.ledger.locked():
             self.ledger.sync()
-        used = len(times_in_window(self.ledger.times("download"), self.clock(), DAY_S))
-        return max(0, self.config.daily_cap - used)
+        now, cap = self.clock(), self.config.daily_cap
+        downloads = self.ledger.times("download")
+        used = len(times_in_window(downloads, now, DAY_S))
+        frees = window_frees_at(downloads, cap, now, DAY_S)
+        return {"downloads_used": used, "downloads_left": max(0, cap - used), "daily_cap": cap,
+                "requests_used": len(times_in_window(self.ledger.times(), now, DAY_S)),
+                "api_daily_cap": self.config.api_daily_cap,
+                "requests_last_minute": len(times_in_window(self.ledger.times(), now, MINUTE_S)),
+                "next_download_slot": iso_utc(frees) if frees > now else "now"}
 
     def check_daily(self, kind: str) -> None:
         """Raise DailyLimitReached if this request would break a rolling 24-hour cap."""
@@ -1500,7 +1564,7 @@ class RunReport:
     failed: dict[int, str] = dataclasses.field(default_factory=dict)
     missing: list[int] = dataclasses.field(default_factory=list)
     remaining: int = 0
-    downloads_left: int | None = None
+    window: dict | None = None
     stopped: DailyLimitReached | None = None
 
     @property
@@ -1512,8 +1576,8 @@ class RunReport:
     def summary(self) -> str:
         lines = [f"downloaded {self.downloaded}, skipped {self.skipped} (already present), "
                  f"failed {len(self.failed) + len(self.missing)}, remaining {self.remaining}"]
-        if self.downloads_left is not None:
-            lines.append(f"downloads left in the rolling 24-hour window: {self.downloads_left}")
+        if self.window is not None:
+            lines.append(f"downloads left in the rolling 24-hour window: {self.window['downloads_left']}")
         lines += [f"  failed {sound_id}: {reason}" for sound_id, reason in sorted(self.failed.items())]
         if self.missing:
             lines.append("  not found on Freesound: " + ", ".join(map(str, self.missing)))
@@ -1522,13 +1586,20 @@ class RunReport:
                          f"{self.remaining} sound{'s' if self.remaining != 1 else ''}")
         return "\n".join(lines)
 
+    def as_json(self) -> dict:
+        return {"downloaded": self.downloaded, "skipped": self.skipped, "remaining": self.remaining,
+                "failed": [{"id": sound_id, "reason": reason} for sound_id, reason in sorted(self.failed.items())],
+                "not_found": self.missing, "window": self.window,
+                "stopped": str(self.stopped) if self.stopped else None, "exit_code": int(self.exit_code)}
+
 
 class Library:
     """The output folder: audio files, metadata.json and ATTRIBUTION.txt."""
 
     LOCK_NAME = ".freesound-downloader.lock"
+    FAILED_NAME = "failed_ids.txt"
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, sidecars: bool = False) -> None:
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -1538,6 +1609,8 @@ class Library:
         self.folder = folder
         self.metadata_path = folder / "metadata.json"
         self.lock = FileLock(folder / self.LOCK_NAME)
+        self.sidecars = sidecars
+        self.failed_path = folder / self.FAILED_NAME
         self._write_lock = threading.Lock()  # one metadata writer, whatever --jobs is
         self._load()
 
@@ -1597,6 +1670,29 @@ class Library:
         text = metadata_text(self._lines[key] for key in sorted(self._lines))
         write_bytes_atomic(self.metadata_path, text.encode("utf-8"))
         write_bytes_atomic(self.folder / "ATTRIBUTION.txt", attribution_text(self.entries).encode("utf-8"))
+        if self.sidecars:  # for tools that look beside the audio file
+            entry = self.by_id[sound_id]
+            sidecar = {**entry, "attribution": attribution_line(entry)}
+            write_json_atomic(self.folder / f"{file_name}.json", sidecar)
+        self._update_failed(sound_id, None)
+
+    def note_failed(self, sound_id: int, reason: str, now: float) -> None:
+        """Add (or update) the sound's line in failed_ids.txt, a valid --ids-file."""
+        with self._write_lock:
+            self._update_failed(sound_id, f"{format_utc(now)}: {reason}")
+
+    def _update_failed(self, sound_id: int, note: str | None) -> None:
+        try:
+            old = self.failed_path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            if note is None:
+                return
+            old = ""
+        new = failed_ids_text(old, sound_id, note)
+        if new is None:
+            self.failed_path.unlink(missing_ok=True)
+        elif new != old:
+            write_bytes_atomic(self.failed_path, new.encode("utf-8"))
 
 
 class Runner:
@@ -1612,6 +1708,7 @@ class Runner:
         self._abort = threading.Event()  # Ctrl-C: downloads in flight stop too, keeping their .part
         self._report_lock = threading.Lock()
         self._fatal: BaseException | None = None
+        self.plan: dict | None = None  # filled by a --dry-run
 
     # -- lazily built, so a run with nothing to fetch needs no credentials --
     def api(self) -> Api:
@@ -1636,9 +1733,12 @@ class Runner:
         self.ui.info(f"logged in; token saved in {self._auth.store.path}")
 
     def run(self) -> RunReport:
-        library = Library(self.config.output_dir)
+        library = Library(self.config.output_dir, sidecars=self.config.sidecars)
         if self.config.dry_run:  # reads only: no lock needed
-            self._print_plan(self._select(library))
+            todo = self._select(library)
+            used = self._limits.window_state()["downloads_used"] if self._limits else 0
+            self.plan = plan(todo, self.report.selected, self.report.skipped, self.report.missing,
+                             self.config.daily_cap, used)
             return self.report
         with library.locked(self.config.wait_lock, self.ui):
             self._run_locked(library)
@@ -1646,6 +1746,8 @@ class Runner:
 
     def _run_locked(self, library: Library) -> None:
         todo = self._select(library)
+        for sound_id in self.report.missing:
+            library.note_failed(sound_id, "not found on Freesound", time.time())
         if self.config.max is not None and len(todo) > self.config.max:
             self.report.remaining = len(todo) - self.config.max
             todo = todo[:self.config.max]
@@ -1654,7 +1756,7 @@ class Runner:
             self._auth.access_token()
             self._download_all(library, todo)
         if self._limits is not None:
-            self.report.downloads_left = self._limits.downloads_left()
+            self.report.window = self._limits.window_state()
 
     def _select(self, library: Library) -> list[dict]:
         """The sounds to download, in order; already-present ones are counted and skipped."""
@@ -1674,17 +1776,6 @@ class Runner:
                     sounds.append(sound)
         unique = {int(sound["id"]): sound for sound in reversed(sounds)}  # first one wins
         return [unique[key] for key in dict.fromkeys(int(sound["id"]) for sound in sounds)]
-
-    def _print_plan(self, todo: list[dict]) -> None:
-        used = 0
-        if self._limits is not None:
-            used = self.config.daily_cap - self._limits.downloads_left()
-        size = sum(int(s.get("filesize") or 0) for s in todo)
-        runs = runs_needed(len(todo), self.config.daily_cap, used)
-        print(f"{self.report.selected} sounds selected, {self.report.skipped} already present, "
-              f"{len(todo)} new ({format_size(size)}); at --daily-cap {self.config.daily_cap} "
-              f"({used} used in the last 24 hours) that takes {runs} run{'s' if runs != 1 else ''}"
-              + (f"; not found: {', '.join(map(str, self.report.missing))}" if self.report.missing else ""))
 
     def _download_all(self, library: Library, todo: list[dict]) -> None:
         """Download `todo` with --jobs at once; all share the pacer, ledger and metadata writer."""
@@ -1750,6 +1841,7 @@ class Runner:
         except DownloadError as exc:
             with self._report_lock:
                 self.report.failed[exc.sound_id] = exc.reason
+            library.note_failed(exc.sound_id, exc.reason, time.time())
             self.ui.warn(str(exc))
         self.ui.advance()
         return True
@@ -1856,6 +1948,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--client-secret-file", metavar="PATH", help="read the client secret from this file")
     add("--state-dir", metavar="DIR", help=f"token and ledger folder (default: ${ENV_STATE_DIR} or "
         "the per-user config folder)")
+    add("--sidecars", action="store_true",
+        help="also write <file>.json beside each audio file: its metadata and attribution line")
+    add("--json", action="store_true",
+        help="print one JSON summary object on stdout at the end (progress stays on stderr)")
     add("--quiet", action="store_true", help="show only errors")
     add("--debug", action="store_true", help="show tracebacks")
     add("--version", action="version", version=f"%(prog)s {__version__}")
@@ -1947,7 +2043,7 @@ def config_from_args(args: argparse.Namespace, environ: dict, stdin=sys.stdin) -
         query=args.query, ids=read_ids(args, stdin), filter=filter_from_args(args), sort=args.sort,
         max=args.max, output_dir=Path(args.output_dir), rate=args.rate, daily_cap=args.daily_cap,
         api_rate=args.api_rate, api_daily_cap=args.api_daily_cap, dry_run=args.dry_run,
-        print_filter=args.print_filter,
+        print_filter=args.print_filter, json=args.json, sidecars=args.sidecars,
         login=args.login, auth_code=args.auth_code,
         client_id=args.client_id or environ.get(ENV_CLIENT_ID),
         client_secret=read_secret(args, environ),
@@ -1982,11 +2078,15 @@ def program(config: Config, ui: Ui, stdin) -> ExitCode:
         return ExitCode.SUCCESS
     report = runner.run()
     if config.dry_run:
+        assert runner.plan is not None
+        print(json.dumps(runner.plan, sort_keys=True) if config.json else plan_text(runner.plan))
         return ExitCode.SUCCESS
     if report.exit_code == ExitCode.SUCCESS:
         ui.info(report.summary())
     else:
         ui.warn(report.summary())
+    if config.json:
+        print(json.dumps(report.as_json(), sort_keys=True))
     return report.exit_code
 
 
@@ -2008,6 +2108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"{PROG}: error: {exc}", file=sys.stderr)
+        if args.json:  # scripts get an object whatever happened
+            print(json.dumps({"error": str(exc), "exit_code": int(exc.exit_code)}))
         return exc.exit_code
     except KeyboardInterrupt:
         print(f"\n{PROG}: interrupted; finished files and metadata are saved, re-run to resume",

@@ -80,10 +80,11 @@ class Env:
         return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
     def audio_files(self) -> list[str]:
-        skip = {"metadata.json", "ATTRIBUTION.txt"}
+        skip = {"metadata.json", "ATTRIBUTION.txt", "failed_ids.txt"}
         if not self.out.exists():
             return []
-        return sorted(p.name for p in self.out.iterdir() if p.name not in skip and not p.name.startswith("."))
+        return sorted(p.name for p in self.out.iterdir()
+                      if p.name not in skip and not p.name.startswith(".") and not p.name.endswith(".json"))
 
 
 @pytest.fixture

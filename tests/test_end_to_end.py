@@ -554,3 +554,52 @@ def test_print_filter_shows_the_compiled_filter_and_needs_nothing_else(env):
     assert result.returncode == 0, result.output
     assert result.stdout == '(tag:a OR tag:b) license:("Attribution NonCommercial") channels:1\n'
     assert not env.fake.requests
+
+
+def test_failed_sounds_go_to_failed_ids_txt_and_leave_it_when_they_succeed(env):
+    env.fake.add(FakeSound(id=777, name="pending.wav", username="u", data=b"abc", moderated=False))
+    env.login()
+    result = env.run("--ids", "1000", "777", "999999")
+    assert result.returncode == 1, result.output
+    failed = (env.out / "failed_ids.txt").read_text()
+    assert "777  # " in failed and "not available" in failed and "999999  # " in failed
+    env.fake.sounds[777].moderated = True
+    env.fake.add(FakeSound(id=999999, name="late.wav", username="u", data=b"late"))
+    result = env.run("--ids-file", str(env.out / "failed_ids.txt"))  # the file is a valid --ids-file
+    assert result.returncode == 0, result.output
+    assert not (env.out / "failed_ids.txt").exists()
+    assert sorted(e["id"] for e in env.metadata()) == [777, 1000, 999999]
+
+
+def test_json_prints_one_summary_object_on_stdout(env):
+    env.fake.add(FakeSound(id=777, name="pending.wav", username="u", data=b"abc", moderated=False))
+    env.login()
+    result = env.run("--ids", "1000", "1001", "777", "--json", "--daily-cap", "10")
+    assert result.returncode == 1, result.output
+    summary = json.loads(result.stdout)
+    assert summary["downloaded"] == 2 and summary["exit_code"] == 1
+    assert summary["failed"][0]["id"] == 777 and "not available" in summary["failed"][0]["reason"]
+    assert summary["window"]["downloads_left"] == 10 - 3 and summary["window"]["daily_cap"] == 10
+    assert "downloaded 2" in result.stderr  # human progress stays on stderr
+    error = env.run("--query", "x", "--json", env={"FREESOUND_CLIENT_ID": ""})
+    assert json.loads(error.stdout) == {"error": json.loads(error.stdout)["error"], "exit_code": 3}
+
+
+def test_dry_run_json_and_licence_table(env):
+    result = env.run("--query", "", "--dry-run", "--json")
+    assert result.returncode == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["new"] == 12 and sum(r["sounds"] for r in summary["by_license"].values()) == 12
+    assert set(summary["by_license"]) == {"CC0 1.0", "CC BY 4.0", "CC BY-NC 4.0", "Sampling+ 1.0"}
+    table = env.run("--query", "", "--dry-run").stdout
+    assert "| licence | sounds | size |" in table and "| CC BY-NC 4.0 | 3 |" in table
+
+
+def test_sidecars_sit_beside_each_audio_file(env):
+    env.login()
+    result = env.run("--ids", "1000", "--sidecars")
+    assert result.returncode == 0, result.output
+    name = env.fake.sounds[1000].friendly_filename()
+    sidecar = json.loads((env.out / f"{name}.json").read_text())
+    assert sidecar["id"] == 1000 and sidecar["file"] == name
+    assert sidecar["attribution"].endswith("(https://freesound.org/s/1000/) licensed under CC0 1.0")

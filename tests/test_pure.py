@@ -486,3 +486,27 @@ def test_the_ledger_lock_serialises_threads_as_well_as_processes(tmp_path):
 ])
 def test_build_filter(kwargs, expected):
     assert dl.build_filter(**kwargs) == expected
+
+
+def test_failed_ids_text_adds_replaces_and_removes_lines():
+    text = dl.failed_ids_text("", 5, "md5 mismatch")
+    assert text.startswith("# ") and text.endswith("5  # md5 mismatch\n")
+    assert dl.parse_id_lines(text.splitlines(), "failed_ids.txt") == [5]   # a valid --ids-file
+    text = dl.failed_ids_text(text, 7, "not found\non two lines")
+    text = dl.failed_ids_text(text, 5, "HTTP 503")
+    assert dl.parse_id_lines(text.splitlines(), "f") == [7, 5]
+    assert "7  # not found on two lines\n" in text and "md5" not in text
+    text = dl.failed_ids_text(text, 7, None)
+    assert dl.parse_id_lines(text.splitlines(), "f") == [5]
+    assert dl.failed_ids_text(text, 5, None) is None                         # nothing left: remove the file
+
+
+def test_plan_groups_new_sounds_by_licence():
+    todo = [{"license": "http://creativecommons.org/publicdomain/zero/1.0/", "filesize": 100},
+            {"license": "https://creativecommons.org/licenses/by/4.0/", "filesize": 50},
+            {"license": "http://creativecommons.org/publicdomain/zero/1.0/", "filesize": 1}]
+    summary = dl.plan(todo, selected=5, present=2, not_found=[9], daily_cap=2, used_now=1)
+    assert summary["by_license"] == {"CC BY 4.0": {"sounds": 1, "bytes": 50}, "CC0 1.0": {"sounds": 2, "bytes": 101}}
+    assert summary["runs"] == 2 and summary["new_bytes"] == 151
+    text = dl.plan_text(summary)
+    assert "| CC0 1.0 | 2 | 101 B |" in text and "takes 2 runs" in text and "not found on Freesound: 9" in text
