@@ -220,6 +220,8 @@ class Config:
     api_daily_cap: int = DEFAULT_API_DAILY_CAP
     dry_run: bool = False
     print_filter: bool = False
+    status: bool = False
+    wait: bool = False
     json: bool = False
     sidecars: bool = False
     login: bool = False
@@ -526,6 +528,27 @@ def plan_text(summary: dict) -> str:
     if summary["not_found"]:
         lines.append("not found on Freesound: " + ", ".join(map(str, summary["not_found"])))
     return "\n".join(lines)
+
+
+def status_text(state: dict) -> str:
+    window = state["window"]
+    if state["token_expires_at"] is None:
+        login = f"not logged in: run {PROG} --login"
+    else:
+        when = state["token_expires_at"].replace("T", " ").split(".")[0] + " UTC"
+        login = (f"access token expired {when}; it is refreshed at the next run" if state["token_expired"]
+                 else f"access token valid until {when} (refreshed automatically)")
+    slot = window["next_download_slot"]
+    slot = slot if slot == "now" else slot.replace("T", " ").split(".")[0] + " UTC"
+    return "\n".join([
+        f"credential {state['client_id']}:",
+        f"  downloads: {window['downloads_used']} of {window['daily_cap']} used in the rolling 24 hours, "
+        f"{window['downloads_left']} left; next download slot: {slot}",
+        f"  all requests: {window['requests_used']} of {window['api_daily_cap']} in 24 hours, "
+        f"{window['requests_last_minute']} in the last minute",
+        f"  login: {login}",
+        f"output folder {state['output_dir']}: {state['sounds_present']} sounds present "
+        f"({state['sounds_in_metadata']} in metadata.json)"])
 
 
 def format_utc(moment: dt.datetime | float) -> str:
@@ -1754,10 +1777,45 @@ class Runner:
         if todo:
             self.api()  # logs in if needed, before the first download is paced
             self._auth.access_token()
-            self._download_all(library, todo)
+            self._download_until_done(library, todo)
         if self._limits is not None:
             self.report.window = self._limits.window_state()
 
+    def _download_until_done(self, library: Library, todo: list[dict]) -> None:
+        """Download; with --wait, sleep through each full daily window and carry on."""
+        left_out_by_max = self.report.remaining
+        while True:
+            self.report.remaining = left_out_by_max
+            self._download_all(library, todo)
+            stopped = self.report.stopped
+            if not (self.config.wait and stopped is not None and stopped.frees_at is not None):
+                return
+            todo = [s for s in todo if not library.has(int(s["id"])) and int(s["id"]) not in self.report.failed]
+            if todo:
+                wait = max(0.0, stopped.frees_at.timestamp() - time.time()) + 1.0
+                self.ui.info(f"{stopped}; --wait: sleeping until {format_utc(time.time() + wait)}, "
+                             f"then {len(todo)} more")
+                time.sleep(wait)
+            self.report.stopped = None
+            self._stop.clear()
+            if not todo:
+                self.report.remaining = left_out_by_max
+                return
+
+    def status(self) -> dict:
+        """--status: the rolling windows, the login, the library; no request is made."""
+        config = self.config
+        if not config.client_id:
+            raise AuthError(f"--status needs the client id: set {ENV_CLIENT_ID}")
+        ledger = Ledger(config.state_dir / "ledger.jsonl", config.client_id, self.ui.warn)
+        token = TokenStore(config.state_dir / "token.json", config.client_id).load(self.ui.warn)
+        entries = load_metadata(config.output_dir / "metadata.json")
+        present = sum(1 for e in entries if (config.output_dir / Path(str(e.get("file"))).name).is_file())
+        return {"client_id": config.client_id, "window": Limits(config, ledger, self.ui).window_state(),
+                "token_expires_at": iso_utc(token["expires_at"]) if token else None,
+                "token_expired": bool(token) and token["expires_at"] < time.time(),
+                "output_dir": str(config.output_dir), "sounds_present": present,
+                "sounds_in_metadata": len(entries)}
     def _select(self, library: Library) -> list[dict]:
         """The sounds to download, in order; already-present ones are counted and skipped."""
         config = self.config
@@ -1940,6 +1998,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--wait-lock", action="store_true",
         help="if another run is using the output folder, wait for it instead of exiting")
     add("--dry-run", action="store_true", help="show what would be downloaded; download nothing")
+    add("--status", action="store_true",
+        help="show the rolling windows, the login and the library; download nothing, send nothing")
+    add("--wait", action="store_true",
+        help="at the daily cap, sleep until the window frees and carry on until everything is downloaded")
     add("--login", action="store_true", help="log in, store the token, exit")
     add("--auth-code", metavar="CODE", help="exchange this authorization code instead of prompting")
     add("--client-id", help=f"OAuth2 client id (default: ${ENV_CLIENT_ID})")
@@ -2023,7 +2085,7 @@ def config_from_args(args: argparse.Namespace, environ: dict, stdin=sys.stdin) -
     if args.login:
         if args.query is not None or args.ids or args.ids_file:
             raise UsageError("--login takes no source; it only logs in")
-    elif args.print_filter:
+    elif args.print_filter or args.status:
         pass
     elif args.query is None and args.ids is None and args.ids_file is None:
         raise UsageError("give exactly one source: --query TEXT, --ids-file PATH or --ids ID ...")
@@ -2043,7 +2105,8 @@ def config_from_args(args: argparse.Namespace, environ: dict, stdin=sys.stdin) -
         query=args.query, ids=read_ids(args, stdin), filter=filter_from_args(args), sort=args.sort,
         max=args.max, output_dir=Path(args.output_dir), rate=args.rate, daily_cap=args.daily_cap,
         api_rate=args.api_rate, api_daily_cap=args.api_daily_cap, dry_run=args.dry_run,
-        print_filter=args.print_filter, json=args.json, sidecars=args.sidecars,
+        print_filter=args.print_filter, status=args.status, wait=args.wait, json=args.json,
+        sidecars=args.sidecars,
         login=args.login, auth_code=args.auth_code,
         client_id=args.client_id or environ.get(ENV_CLIENT_ID),
         client_secret=read_secret(args, environ),
@@ -2075,6 +2138,10 @@ def program(config: Config, ui: Ui, stdin) -> ExitCode:
     runner = Runner(config, ui, read_line=read_line)
     if config.login:
         runner.login_only()
+        return ExitCode.SUCCESS
+    if config.status:
+        state = runner.status()
+        print(json.dumps(state, sort_keys=True) if config.json else status_text(state))
         return ExitCode.SUCCESS
     report = runner.run()
     if config.dry_run:

@@ -603,3 +603,41 @@ def test_sidecars_sit_beside_each_audio_file(env):
     sidecar = json.loads((env.out / f"{name}.json").read_text())
     assert sidecar["id"] == 1000 and sidecar["file"] == name
     assert sidecar["attribution"].endswith("(https://freesound.org/s/1000/) licensed under CC0 1.0")
+
+
+def _ledger_rows(client_id: str, *ages_s: float) -> str:
+    now = time.time()
+    return "".join(json.dumps({"at": dt.datetime.fromtimestamp(now - age, dt.timezone.utc).isoformat()
+                               .replace("+00:00", "Z"), "client_id": client_id, "kind": "download",
+                               "sound_id": 1}) + "\n" for age in ages_s)
+
+
+def test_wait_sleeps_until_the_window_frees_and_finishes(env):
+    env.login()
+    # The cap of 2 is used up by downloads 24 hours minus 2 seconds ago: the window frees shortly.
+    (env.state / "ledger.jsonl").write_text(_ledger_rows(env.fake.client_id, 86398, 86397.5))
+    started = time.monotonic()
+    result = env.run("--ids", "1000", "1001", "--daily-cap", "2", "--wait")
+    assert result.returncode == 0, result.output
+    assert "--wait: sleeping until" in result.stderr and time.monotonic() - started >= 1.5
+    assert sorted(e["id"] for e in env.metadata()) == [1000, 1001]
+
+
+def test_without_wait_the_same_run_stops_with_exit_4(env):
+    env.login()
+    (env.state / "ledger.jsonl").write_text(_ledger_rows(env.fake.client_id, 86398, 86397.5))
+    result = env.run("--ids", "1000", "1001", "--daily-cap", "2")
+    assert result.returncode == 4, result.output
+
+
+def test_status_reports_windows_login_and_library_without_any_request(env):
+    env.login()
+    assert env.run("--ids", "1000", "1001").returncode == 0
+    before = len(env.fake.requests)
+    result = env.run("--status", "--daily-cap", "10")
+    assert result.returncode == 0, result.output
+    assert "2 of 10 used" in result.stdout and "8 left" in result.stdout and "valid until" in result.stdout
+    assert "2 sounds present" in result.stdout
+    state = json.loads(env.run("--status", "--json").stdout)
+    assert state["window"]["downloads_used"] == 2 and state["sounds_present"] == 2
+    assert len(env.fake.requests) == before
