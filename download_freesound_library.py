@@ -55,7 +55,7 @@ import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
-from urllib.parse import parse_qs, urlencode, urlsplit
+from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
 # requests, freesound, oauthlib and tqdm are imported where they are first needed:
 # `--help`, usage errors and runs with nothing to fetch start without them.
@@ -210,6 +210,9 @@ class Stopped(BaseException):
 class Config:
     query: str | None = None
     ids: tuple[int, ...] | None = None
+    pack: int | None = None
+    user: str | None = None
+    bookmarks: str | None = None  # a category id or name; "" lists the categories
     filter: str | None = None
     sort: str | None = None
     max: int | None = None
@@ -415,6 +418,12 @@ def classify_request(url: str, api_base: str) -> tuple[str, int | None]:
     path = urlsplit(url).path
     match = _DOWNLOAD_PATH_RE.fullmatch(path[len(base_path):]) if path.startswith(base_path) else None
     return ("download", int(match.group(1))) if match else ("api", None)
+
+
+def needs_oauth(url: str, api_base: str) -> bool:
+    """Downloads and the logged-in user's own resources (/me/...) take only OAuth2."""
+    path = urlsplit(url).path[len(urlsplit(api_base).path.rstrip("/")):]
+    return classify_request(url, api_base)[0] == "download" or path.startswith("/me/")
 
 
 def default_state_dir(platform: str, environ: dict, home: Path) -> Path:
@@ -1183,7 +1192,7 @@ class ApiSession:
         refreshed, attempt = False, 0
         while True:
             attempt += 1
-            credential = self._authenticate(request, kind)
+            credential = self._authenticate(request, url)
             self.limits.acquire(kind, sound_id)
             try:
                 response = self.http.send(request, **kwargs)
@@ -1201,9 +1210,9 @@ class ApiSession:
             if response.is_redirect:  # the API never redirects; following could leak the token
                 location = redact_url(response.headers.get("Location", ""))
                 raise ApiError(status, url, f"unexpected redirect to {location}; not followed")
-            if status == 401 and kind == "download" and not refreshed and _token_expired(response):
+            if status == 401 and credential.startswith("Bearer") and not refreshed and _token_expired(response):
                 refreshed = True
-                self.oauth.refresh(credential)
+                self.oauth.refresh(credential.split(" ", 1)[1])
                 continue
             if status == 429 and throttle_kind(detail) == "day":
                 raise DailyLimitReached(f"Freesound's own daily limit ({detail})",
@@ -1216,17 +1225,15 @@ class ApiSession:
             if status in RETRY_STATUSES:
                 self._retry_or_raise(attempt, url, f"HTTP {status}: {detail}", status)
                 continue
-            raise api_error(status, url, detail, kind)
+            raise api_error(status, url, detail, oauth=credential.startswith("Bearer"))
 
-    def _authenticate(self, request: requests.PreparedRequest, kind: str) -> str:
-        """Set the Authorization header; returns the credential used."""
-        if kind == "download":
-            credential = self.oauth.access_token()
-            request.headers["Authorization"] = f"Bearer {credential}"
+    def _authenticate(self, request: requests.PreparedRequest, url: str) -> str:
+        """Set and return the Authorization header: OAuth2 where the API demands it, else the key."""
+        if needs_oauth(url, self.config.api_base):
+            request.headers["Authorization"] = f"Bearer {self.oauth.access_token()}"
         else:
-            credential = self.config.client_secret or ""
-            request.headers["Authorization"] = f"Token {credential}"
-        return credential
+            request.headers["Authorization"] = f"Token {self.config.client_secret or ''}"
+        return request.headers["Authorization"]
 
     def _check_attempts(self, attempt: int, status: int, url: str, detail: str) -> None:
         if attempt > self.config.retries:
@@ -1255,12 +1262,12 @@ def response_detail(response: requests.Response) -> str:
     return f"unexpected {content_type} response (not Freesound's JSON; a proxy error?)"
 
 
-def api_error(status: int, url: str, detail: str, kind: str) -> FreesoundDownloadError:
+def api_error(status: int, url: str, detail: str, oauth: bool) -> FreesoundDownloadError:
     """The error a final, non-retryable HTTP status means to the user."""
     if status == 429:  # the per-day and per-minute kinds are handled in send()
         return AuthError(f"Freesound: {detail}")
     if status == 401:
-        what = "OAuth2 login" if kind == "download" else f"API key ({ENV_CLIENT_SECRET})"
+        what = "OAuth2 login" if oauth else f"API key ({ENV_CLIENT_SECRET})"
         return AuthError(f"Freesound rejected the {what}: {detail}")
     if status == 403 and "secure connection" in detail:
         return UsageError(f"Freesound requires https: set {ENV_API_URL} to an https:// URL ({detail})")
@@ -1304,7 +1311,31 @@ class Api:
         if sort:
             params["sort"] = sort
         search_url = f"{self.config.api_base}/search/text/"
-        pager = self._call(lambda: self.client.text_search(**params), search_url)
+        yield from self._pages(self._call(lambda: self.client.text_search(**params), search_url))
+
+    def list_sounds(self, path: str, what: str) -> Iterator[dict]:
+        """A pack's, a user's or a bookmark category's sounds, with every field in the same call."""
+        import freesound
+
+        url = f"{self.config.api_base}{path}"
+        params = {"page_size": PAGE_SIZE, "fields": SEARCH_FIELDS}
+        try:
+            first = self._call(lambda: freesound.FSRequest.request(url, params, self.client, freesound.Pager), url)
+        except ApiError as exc:
+            if exc.status == 404:
+                raise UsageError(f"{what} not found on Freesound") from None
+            raise
+        yield from self._pages(first)
+
+    def bookmark_categories(self) -> list[dict]:
+        import freesound
+
+        url = f"{self.config.api_base}/me/bookmark_categories/"
+        pager = self._call(lambda: freesound.FSRequest.request(url, {"page_size": PAGE_SIZE}, self.client,
+                                                               freesound.Pager), url)
+        return list(self._pages(pager))
+
+    def _pages(self, pager) -> Iterator[dict]:
         while True:
             # Not `for sound in pager`: that wraps each result, and results can be null.
             yield from (sound for sound in pager.results if sound)
@@ -1802,6 +1833,34 @@ class Runner:
                 self.report.remaining = left_out_by_max
                 return
 
+    def _listing(self) -> Iterator[dict]:
+        """The sounds of a query, a pack, a user or a bookmark category."""
+        config, api = self.config, self.api()
+        if config.pack is not None:
+            return api.list_sounds(f"/packs/{config.pack}/sounds/", f"pack {config.pack}")
+        if config.user is not None:
+            return api.list_sounds(f"/users/{quote(config.user, safe='')}/sounds/", f"user {config.user!r}")
+        if config.bookmarks is not None:
+            category = self._bookmark_category(config.bookmarks)
+            return api.list_sounds(f"/me/bookmark_categories/{category}/sounds/", f"bookmark category {category}")
+        return api.search(config.query or "", config.filter, config.sort)
+
+    def _bookmark_category(self, wanted: str) -> int:
+        if wanted.isdigit():
+            return int(wanted)
+        categories = self.api().bookmark_categories()
+        for category in categories:
+            if category["name"].casefold() == wanted.casefold():
+                return int(category["id"])
+        names = ", ".join(repr(c["name"]) for c in categories) or "none"
+        raise UsageError(f"no bookmark category named {wanted!r}; yours are: {names}")
+
+    def bookmark_categories_text(self) -> str:
+        rows = self.api().bookmark_categories()
+        if not rows:
+            return "you have no bookmarks"
+        return "\n".join(f"{c['id']:>8}  {c['name']} ({c['num_sounds']} sounds)" for c in rows)
+
     def status(self) -> dict:
         """--status: the rolling windows, the login, the library; no request is made."""
         config = self.config
@@ -1826,7 +1885,7 @@ class Runner:
             self.report.selected = len(config.ids)
         else:
             sounds = []
-            for sound in self.api().search(config.query or "", config.filter, config.sort):
+            for sound in self._listing():
                 self.report.selected += 1
                 if library.has(int(sound["id"])):
                     self.report.skipped += 1
@@ -1963,6 +2022,10 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--ids-file", metavar="PATH",
                         help="file with one sound ID or URL per line ('-' reads standard input)")
     source.add_argument("--ids", nargs="+", metavar="ID_OR_URL", help="sound IDs or URLs")
+    source.add_argument("--pack", type=int, metavar="ID", help="a pack's sounds")
+    source.add_argument("--user", metavar="NAME", help="a user's sounds")
+    source.add_argument("--bookmarks", nargs="?", const="", metavar="CATEGORY",
+                        help="your bookmarks in this category (id or name); without one, list the categories")
     add = parser.add_argument
     add("-f", "--filter", metavar="SOLR", help="Solr filter, passed to the API as is")
     helpers = parser.add_argument_group("filter helpers (compiled to Solr syntax and ANDed with --filter)")
@@ -2082,13 +2145,21 @@ def filter_from_args(args: argparse.Namespace) -> str | None:
 
 def config_from_args(args: argparse.Namespace, environ: dict, stdin=sys.stdin) -> Config:
     """Validate the parsed flags and environment into a Config; raise UsageError on bad input."""
+    sources = [name for name in ("query", "ids", "ids_file", "pack", "user", "bookmarks")
+               if getattr(args, name) is not None]
+    if args.login and sources:
+        raise UsageError("--login takes no source; it only logs in")
     if args.login:
-        if args.query is not None or args.ids or args.ids_file:
-            raise UsageError("--login takes no source; it only logs in")
+        pass
     elif args.print_filter or args.status:
         pass
-    elif args.query is None and args.ids is None and args.ids_file is None:
-        raise UsageError("give exactly one source: --query TEXT, --ids-file PATH or --ids ID ...")
+    elif not sources:
+        raise UsageError("give exactly one source: --query TEXT, --ids-file PATH, --ids ID ..., "
+                         "--pack ID, --user NAME or --bookmarks [CATEGORY]")
+    compiled = filter_from_args(args)
+    if compiled is not None and sources and sources != ["query"]:
+        raise UsageError("--filter and the filter helpers apply to --query only "
+                         '(use --query "" --filter ... to filter all sounds)')
     if args.sort is not None and args.sort not in SORT_KEYS:
         raise UsageError(f"--sort {args.sort!r} is not one of: {', '.join(SORT_KEYS)}")
     for name, value in (("--rate", args.rate), ("--api-rate", args.api_rate),
@@ -2102,7 +2173,8 @@ def config_from_args(args: argparse.Namespace, environ: dict, stdin=sys.stdin) -
         raise UsageError(f"--jobs must be between 1 and {MAX_JOBS}, got {args.jobs}")
     state_dir = args.state_dir or environ.get(ENV_STATE_DIR)
     return Config(
-        query=args.query, ids=read_ids(args, stdin), filter=filter_from_args(args), sort=args.sort,
+        query=args.query, ids=read_ids(args, stdin), pack=args.pack, user=args.user, bookmarks=args.bookmarks,
+        filter=compiled, sort=args.sort,
         max=args.max, output_dir=Path(args.output_dir), rate=args.rate, daily_cap=args.daily_cap,
         api_rate=args.api_rate, api_daily_cap=args.api_daily_cap, dry_run=args.dry_run,
         print_filter=args.print_filter, status=args.status, wait=args.wait, json=args.json,
@@ -2138,6 +2210,9 @@ def program(config: Config, ui: Ui, stdin) -> ExitCode:
     runner = Runner(config, ui, read_line=read_line)
     if config.login:
         runner.login_only()
+        return ExitCode.SUCCESS
+    if config.bookmarks == "":
+        print(runner.bookmark_categories_text())
         return ExitCode.SUCCESS
     if config.status:
         state = runner.status()

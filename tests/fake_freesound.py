@@ -76,6 +76,7 @@ class FakeSound:
     data: bytes = b""
     moderated: bool = True  # unmoderated sounds have metadata but answer 404 to downloads
     path: str | None = None  # serve this file instead of `data` (big originals for benchmarks)
+    pack_id: int | None = None
     _md5: str | None = None
 
     @property
@@ -261,6 +262,7 @@ class FakeFreesound:
         self.chaos: Chaos | None = None
         self.token_delay_s = 0.0  # widens the window in which two refreshes could race
         self.connections = 0      # TCP connections accepted: keep-alive reuse shows here
+        self.bookmarks: dict[int, tuple[str, list[int]]] = {}  # category id -> (name, sound ids); 0 = Uncategorized
         self.lock = threading.Lock()
         self._server = ThreadingHTTPServer((host, port), _make_handler(self))
         self._server.daemon_threads = True
@@ -450,6 +452,14 @@ class _Handler(BaseHTTPRequestHandler):
         match = re.fullmatch(r"/apiv2/sounds/(\d+)/download/", path)
         if match:
             return self._authed(True, lambda: self._download(int(match.group(1))))
+        match = re.fullmatch(r"/apiv2/(packs|users)/([^/]+)/sounds/", path)
+        if match:
+            return self._authed(False, lambda: self._owner_sounds(match.group(1), unquote(match.group(2)), query))
+        if path == "/apiv2/me/bookmark_categories/":
+            return self._authed(True, lambda: self._bookmark_categories(query))
+        match = re.fullmatch(r"/apiv2/me/bookmark_categories/(\d+)/sounds/", path)
+        if match:
+            return self._authed(True, lambda: self._bookmark_sounds(int(match.group(1)), query))
         if path.startswith("/apiv2/") and not path.endswith("/"):
             return self._send(301, b"", {"Location": path + "/"})
         self._html(404, "<h1>Not Found</h1><p>The requested resource was not found on this server.</p>")
@@ -591,6 +601,47 @@ class _Handler(BaseHTTPRequestHandler):
                 out += f"&fields={quote(fields, safe=QUOTE_SAFE)}"
             return f"{self.fake.url}/search/{out}"
         return link
+
+    # -- DRF lists: pack and user sounds, bookmark categories ---------------------------------
+    def _drf_page(self, items: list, query: dict, render) -> None:
+        """PageNumberPagination: next/previous keep every query param; bad pages 404."""
+        size = _int(query.get("page_size"), 15)
+        size = 15 if size < 1 else min(size, 150)
+        page = query.get("page", "1")
+        pages = max(1, math.ceil(len(items) / size))
+        page = pages if page == "last" else _int(page, 0)
+        if not 1 <= page <= pages:
+            return self._json(404, {"detail": "Invalid page."})
+
+        def link(number: int) -> str:
+            params = {**query, "page": str(number)}
+            if number == 1:
+                params.pop("page")
+            return f"{self.fake.origin}{urlsplit(self.path).path}?{urlencode(params)}"
+        self._json(200, {"count": len(items), "next": link(page + 1) if page < pages else None,
+                         "previous": link(page - 1) if page > 1 else None,
+                         "results": [render(item) for item in items[(page - 1) * size: page * size]]})
+
+    def _owner_sounds(self, kind: str, owner: str, query: dict) -> None:
+        sounds = sorted((s for s in self.fake.sounds.values() if s.moderated), key=lambda s: -s.id)  # -created
+        sounds = [s for s in sounds if (str(s.pack_id) == owner if kind == "packs" else s.username == owner)]
+        if not sounds:
+            return self._json(404, {"detail": "Not found"})
+        fields = query["fields"].split(",") if query.get("fields") else None
+        self._drf_page(sounds, query, lambda s: s.as_json(self.fake.url, fields))
+
+    def _bookmark_categories(self, query: dict) -> None:
+        categories = sorted(self.fake.bookmarks.items())
+        self._drf_page(categories, query, lambda item: {
+            "id": item[0], "url": f"{self.fake.url}/me/bookmark_categories/{item[0]}/", "name": item[1][0],
+            "num_sounds": len(item[1][1]), "sounds": f"{self.fake.url}/me/bookmark_categories/{item[0]}/sounds/"})
+
+    def _bookmark_sounds(self, category: int, query: dict) -> None:
+        if category not in self.fake.bookmarks:
+            return self._json(404, {"detail": "Not found"})
+        fields = query["fields"].split(",") if query.get("fields") else None
+        sounds = [self.fake.sounds[i] for i in self.fake.bookmarks[category][1]]
+        self._drf_page(sounds, query, lambda s: s.as_json(self.fake.url, fields))
 
     def _sound(self, sound_id: int, query: dict) -> None:
         sound = self.fake.sounds.get(sound_id)

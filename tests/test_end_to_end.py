@@ -641,3 +641,53 @@ def test_status_reports_windows_login_and_library_without_any_request(env):
     state = json.loads(env.run("--status", "--json").stdout)
     assert state["window"]["downloads_used"] == 2 and state["sounds_present"] == 2
     assert len(env.fake.requests) == before
+
+
+def _pack_and_bookmarks(fake) -> None:
+    for sound_id in (1001, 1002, 1003):
+        fake.sounds[sound_id].pack_id = 77
+    fake.bookmarks = {0: ("Uncategorized", [1005]), 3: ("Rain for film", [1006, 1008])}
+
+
+def test_pack_source_pages_with_metadata_in_the_same_call(env):
+    _pack_and_bookmarks(env.fake)
+    env.login()
+    result = env.run("--pack", "77")
+    assert result.returncode == 0, result.output
+    assert sorted(e["id"] for e in env.metadata()) == [1001, 1002, 1003]
+    listing = env.fake.requests_to("/packs/77/sounds/")
+    assert len(listing) == 1 and listing[0]["query"]["page_size"] == "150"
+    assert "md5" in listing[0]["query"]["fields"]
+    assert not env.fake.requests_to(r"/sounds/\d+/$")  # no per-sound metadata requests
+
+
+def test_user_source_follows_drf_next_links(env):
+    env.fake.add(*make_sounds(160, start_id=5000, size=16))
+    for sound in env.fake.sounds.values():
+        sound.username = "prolific" if sound.id >= 5000 else sound.username
+    result = env.run("--user", "prolific", "--dry-run")
+    assert result.returncode == 0, result.output
+    assert "160 new" in result.stdout and len(env.fake.requests_to("/users/prolific/sounds/")) == 2
+
+
+def test_unknown_pack_is_a_usage_error(env):
+    result = env.run("--pack", "424242", "--dry-run")
+    assert result.returncode == 2 and "pack 424242 not found" in result.stderr
+
+
+def test_bookmarks_list_categories_then_download_one_by_name_with_oauth(env):
+    _pack_and_bookmarks(env.fake)
+    env.login()
+    listing = env.run("--bookmarks")
+    assert listing.returncode == 0, listing.output
+    assert "Uncategorized (1 sounds)" in listing.stdout and "Rain for film (2 sounds)" in listing.stdout
+    result = env.run("--bookmarks", "rain for film")
+    assert result.returncode == 0, result.output
+    assert sorted(e["id"] for e in env.metadata()) == [1006, 1008]
+    me = env.fake.requests_to("/me/")
+    assert me and all(r["headers"]["Authorization"].startswith("Bearer ") for r in me)
+
+
+def test_filters_apply_to_queries_only(env):
+    result = env.run("--pack", "77", "--license", "cc0")
+    assert result.returncode == 2 and "--query only" in result.stderr
