@@ -110,6 +110,7 @@ BACKOFF_MAX_S = 60.0
 RETRY_AFTER_MAX_S = 300.0
 RETRY_STATUSES = frozenset({500, 502, 503, 504})
 TOKEN_EXPIRY_MARGIN_S = 60.0
+LOGIN_TIMEOUT_S = 300.0
 # A whole name has to fit in 255 bytes *with* the ".part" suffix while downloading.
 PART_SUFFIX = ".part"
 MAX_NAME_BYTES = 255 - len(PART_SUFFIX)
@@ -229,6 +230,7 @@ class Config:
     sidecars: bool = False
     login: bool = False
     auth_code: str | None = None
+    redirect_uri: str | None = None
     client_id: str | None = None
     client_secret: str | None = None
     api_base: str = DEFAULT_API_BASE
@@ -693,10 +695,27 @@ def pkce_pair() -> tuple[str, str]:
     return verifier, base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
 
 
-def authorize_url(api_base: str, client_id: str, state: str, challenge: str) -> str:
-    query = urlencode({"client_id": client_id, "response_type": "code", "state": state,
-                       "code_challenge": challenge, "code_challenge_method": "S256"})
-    return f"{api_base}/oauth2/authorize/?{query}"
+def authorize_url(api_base: str, client_id: str, state: str, challenge: str,
+                  redirect_uri: str | None = None) -> str:
+    params = {"client_id": client_id, "response_type": "code", "state": state,
+              "code_challenge": challenge, "code_challenge_method": "S256"}
+    if redirect_uri:
+        params["redirect_uri"] = redirect_uri
+    return f"{api_base}/oauth2/authorize/?{urlencode(params)}"
+
+
+def check_redirect_uri(uri: str) -> str:
+    """Only http on a loopback host: Freesound accepts any port there (RFC 8252)."""
+    parts = urlsplit(uri)
+    if parts.scheme != "http" or not is_loopback_host(parts.hostname or ""):
+        raise UsageError(f"--redirect-uri must be an http://127.0.0.1/... address, got {uri!r}")
+    return uri
+
+
+def with_port(uri: str, port: int) -> str:
+    """The registered loopback URI with the port we actually listen on."""
+    parts = urlsplit(uri)
+    return parts._replace(netloc=f"{parts.hostname}:{port}").geturl()
 
 
 ###############################################################################
@@ -962,14 +981,39 @@ class Auth:
             return self.token["access_token"]
 
     def login(self) -> None:
+        redirect_uri = None
         if self.config.auth_code:
             code = self.config.auth_code
             verifier = self._pending_verifier()
+        elif self.config.redirect_uri:
+            code, verifier, redirect_uri = self._loopback_login()
         else:
             code, verifier = self._prompt_for_code()
         self.token = self._token_request(grant_type="authorization_code", code=code,
-                                         code_verifier=verifier)
+                                         code_verifier=verifier, redirect_uri=redirect_uri)
         self.pending_path.unlink(missing_ok=True)
+
+    def _loopback_login(self) -> tuple[str, str, str]:
+        """Open the browser, receive the code on a loopback listener: nothing to copy."""
+        import webbrowser
+
+        try:
+            receiver = LoopbackReceiver(self.config.redirect_uri or "")
+        except OSError as exc:  # the paste flow is the fallback
+            self.ui.warn(f"cannot listen for the login on {self.config.redirect_uri} ({exc.strerror}); "
+                         "falling back to pasting the code")
+            code, verifier = self._prompt_for_code()
+            return code, verifier, ""
+        with receiver:
+            state = secrets.token_urlsafe(16)
+            verifier, challenge = pkce_pair()
+            url = authorize_url(self.config.api_base, self.config.client_id or "", state, challenge,
+                                receiver.redirect_uri)
+            self.ui.prompt(f"Log in to Freesound in your browser (opening it now). If it does not open, "
+                           f"open this URL:\n  {url}\nwaiting up to {LOGIN_TIMEOUT_S // 60:.0f} minutes...\n")
+            webbrowser.open(url)
+            query = receiver.wait(LOGIN_TIMEOUT_S)
+        return parse_pasted_code("http://x/?" + urlencode(query), state), verifier, receiver.redirect_uri
 
     def refresh(self, stale_access_token: str) -> None:
         """Replace `stale_access_token`, under token.lock and once for everyone.
@@ -1019,13 +1063,13 @@ class Auth:
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
-    def _token_request(self, **params: str | None) -> dict:
+    def _token_request(self, redirect_uri: str | None = None, **params: str | None) -> dict:
         from oauthlib.oauth2 import OAuth2Error
         from requests_oauthlib import OAuth2Session
 
         if urlsplit(self.token_url).scheme == "http":  # loopback only, checked by config_from_args
             os.environ["OAUTHLIB_INSECURE_TRANSPORT"] = "1"
-        session = OAuth2Session(client_id=self.config.client_id)
+        session = OAuth2Session(client_id=self.config.client_id, redirect_uri=redirect_uri or None)
         session.headers["User-Agent"] = USER_AGENT
         extra = {key: value for key, value in params.items() if value and key != "grant_type"}
         timeout = (min(CONNECT_TIMEOUT_S, self.config.timeout), self.config.timeout)
@@ -1045,6 +1089,52 @@ class Auth:
         except OSError as exc:  # requests' errors are OSErrors
             raise AuthError(f"could not reach the Freesound token endpoint: {type(exc).__name__}") from None
         return self.store.save(dict(response), self.clock())
+
+
+class LoopbackReceiver:
+    """A one-shot HTTP listener on 127.0.0.1 for the authorization redirect."""
+
+    def __init__(self, registered_uri: str) -> None:
+        from http.server import BaseHTTPRequestHandler, HTTPServer
+
+        parts, received, done = urlsplit(registered_uri), {}, threading.Event()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                query = parse_qs(urlsplit(self.path).query)
+                if urlsplit(self.path).path != (parts.path or "/") or not ({"code", "error"} & set(query)):
+                    self.send_error(404)
+                    return
+                received.update({key: values[0] for key, values in query.items()})
+                body = b"<p>Freesound login received. You can close this tab.</p>"
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html; charset=utf-8")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                done.set()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = HTTPServer((parts.hostname or "127.0.0.1", parts.port or 0), Handler)
+        self.redirect_uri = with_port(registered_uri, self.server.server_address[1])
+        self._received, self._done = received, done
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def wait(self, timeout_s: float) -> dict:
+        if not self._done.wait(timeout_s):
+            raise AuthError(f"no login arrived within {timeout_s / 60:g} minutes; run --login again, "
+                            "or leave out --redirect-uri to paste the code instead")
+        return dict(self._received)
+
+    def __enter__(self) -> LoopbackReceiver:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.server.shutdown()
+        self.server.server_close()
 
 
 def _oauth_error_message(error: str, grant_type: str) -> str:
@@ -2067,6 +2157,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="at the daily cap, sleep until the window frees and carry on until everything is downloaded")
     add("--login", action="store_true", help="log in, store the token, exit")
     add("--auth-code", metavar="CODE", help="exchange this authorization code instead of prompting")
+    add("--redirect-uri", metavar="URI",
+        help="log in through the browser with no copy-paste: the http://127.0.0.1/... callback you "
+             "registered for your API credentials (any port works)")
     add("--client-id", help=f"OAuth2 client id (default: ${ENV_CLIENT_ID})")
     add("--client-secret", help=f"client secret / API key (default: ${ENV_CLIENT_SECRET}); "
         "visible to other users of the machine, prefer the variable or --client-secret-file")
@@ -2180,6 +2273,7 @@ def config_from_args(args: argparse.Namespace, environ: dict, stdin=sys.stdin) -
         print_filter=args.print_filter, status=args.status, wait=args.wait, json=args.json,
         sidecars=args.sidecars,
         login=args.login, auth_code=args.auth_code,
+        redirect_uri=check_redirect_uri(args.redirect_uri) if args.redirect_uri else None,
         client_id=args.client_id or environ.get(ENV_CLIENT_ID),
         client_secret=read_secret(args, environ),
         api_base=check_api_base(environ.get(ENV_API_URL) or DEFAULT_API_BASE),

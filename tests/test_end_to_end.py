@@ -691,3 +691,22 @@ def test_bookmarks_list_categories_then_download_one_by_name_with_oauth(env):
 def test_filters_apply_to_queries_only(env):
     result = env.run("--pack", "77", "--license", "cc0")
     assert result.returncode == 2 and "--query only" in result.stderr
+
+
+def test_login_through_a_loopback_redirect_needs_no_copy_paste(env, tmp_path):
+    browser = tmp_path / "browser"  # stands in for the user's browser: follows the redirect
+    browser.write_text(f"#!{sys.executable}\nimport sys, urllib.request\nurllib.request.urlopen(sys.argv[1])\n")
+    browser.chmod(0o755)
+    result = env.run("--login", "--redirect-uri", "http://127.0.0.1/callback", env={"BROWSER": str(browser)})
+    assert result.returncode == 0, result.output
+    assert (env.state / "token.json").exists()
+    authorize = env.fake.requests_to("/oauth2/authorize/")[0]["query"]
+    assert re.fullmatch(r"http://127\.0\.0\.1:\d+/callback", authorize["redirect_uri"])  # an ephemeral port
+    assert authorize["code_challenge_method"] == "S256" and authorize["state"]
+    exchange = env.fake.requests_to("/oauth2/access_token/", method="POST")[0]["query"]
+    assert exchange["redirect_uri"] == authorize["redirect_uri"] and exchange["code_verifier"]
+
+
+def test_a_redirect_uri_that_is_not_loopback_http_is_refused(env):
+    result = env.run("--login", "--redirect-uri", "https://example.com/callback")
+    assert result.returncode == 2 and "--redirect-uri" in result.stderr

@@ -510,3 +510,18 @@ def test_plan_groups_new_sounds_by_licence():
     assert summary["runs"] == 2 and summary["new_bytes"] == 151
     text = dl.plan_text(summary)
     assert "| CC0 1.0 | 2 | 101 B |" in text and "takes 2 runs" in text and "not found on Freesound: 9" in text
+
+
+def test_the_loopback_receiver_times_out_with_a_clear_message():
+    with dl.LoopbackReceiver("http://127.0.0.1/callback") as receiver:
+        assert receiver.redirect_uri.startswith("http://127.0.0.1:")
+        with pytest.raises(dl.AuthError, match="no login arrived"):
+            receiver.wait(0.05)
+
+
+def test_the_loopback_receiver_hands_over_the_redirect_query():
+    import urllib.request
+    with dl.LoopbackReceiver("http://127.0.0.1/cb") as receiver:
+        with urllib.request.urlopen(receiver.redirect_uri + "?code=abc&state=s1") as response:
+            assert response.status == 200
+        assert receiver.wait(1) == {"code": "abc", "state": "s1"}
