@@ -228,6 +228,7 @@ class Config:
     wait: bool = False
     json: bool = False
     sidecars: bool = False
+    previews: str | None = None
     login: bool = False
     auth_code: str | None = None
     redirect_uri: str | None = None
@@ -352,21 +353,33 @@ def slugify(text: str) -> str:
     return re.sub(r"[-\s]+", "-", text).strip("-_")
 
 
-def sound_filename(sound: dict) -> str:
+def sound_filename(sound: dict, preview: str | None = None) -> str:
     """`<id>__<user>__<name>.<type>`, as Freesound's Content-Disposition names it.
 
     Slugs are ASCII letters, digits, '-' and '_' only, so the name cannot leave the
     output folder or hit a reserved name (the id prefix also keeps it unique), and
-    it is cut so that even the ".part" name fits in 255 bytes.
+    it is cut so that even the ".part" name fits in 255 bytes. A preview ("hq-mp3")
+    is `<id>__<user>__<name>__preview-hq.mp3`: never the name of an original.
     """
-    sound_type = slugify(str(sound.get("type") or ""))[:4] or "bin"
+    quality, _, extension = (preview or "").partition("-")
+    sound_type = extension or slugify(str(sound.get("type") or ""))[:4] or "bin"
+    tail = f"__preview-{quality}.{sound_type}" if preview else f".{sound_type}"
     head = f"{int(sound['id'])}__{slugify(str(sound.get('username') or ''))}__"
     stem = slugify(os.path.splitext(str(sound.get("name") or ""))[0])
-    room = MAX_NAME_BYTES - len(head) - len(sound_type) - 1
+    room = MAX_NAME_BYTES - len(head) - len(tail)
     if room < 0:  # an absurdly long username: keep the id, which is what makes it unique
         head = f"{int(sound['id'])}__{slugify(str(sound.get('username')))[:100]}__"
-        room = MAX_NAME_BYTES - len(head) - len(sound_type) - 1
-    return f"{head}{stem[:room].rstrip('-_')}.{sound_type}"
+        room = MAX_NAME_BYTES - len(head) - len(tail)
+    return f"{head}{stem[:room].rstrip('-_')}{tail}"
+
+
+PREVIEW_KINDS = ("hq-mp3", "hq-ogg", "lq-mp3", "lq-ogg")
+
+
+def preview_url(sound: dict, kind: str) -> str | None:
+    """The preview's URL; the freesound client spells the keys with '_' once it has wrapped them."""
+    previews = sound.get("previews") or {}
+    return previews.get(f"preview-{kind}") or previews.get(f"preview_{kind.replace('-', '_')}")
 
 
 _LICENSE_NAMES = {
@@ -598,6 +611,8 @@ def metadata_entry(sound: dict, file_name: str, downloaded_at: str) -> dict:
     entry["url"] = SITE_SOUND_URL.format(sound_id=entry["id"])
     entry["file"] = file_name
     entry["downloaded_at"] = downloaded_at
+    if sound.get("preview"):  # then filesize, md5 and type are the preview's own
+        entry["preview"] = sound["preview"]
     return entry
 
 
@@ -1161,6 +1176,16 @@ class Limits:
     def __init__(self, config: Config, ledger: Ledger, ui: Ui,
                  clock: Callable[[], float] = time.time, sleep: Callable[[float], None] = time.sleep):
         self.config, self.ledger, self.ui, self.clock, self.sleep = config, ledger, ui, clock, sleep
+        self._last_preview: float | None = None
+        self._preview_lock = threading.Lock()
+
+    def pace_preview(self) -> None:
+        """Previews do not count against the API's limits, but are paced at --rate all the same."""
+        with self._preview_lock:
+            now = self.clock()
+            wait = pacing_delay(self._last_preview, self.config.download_interval_s, now)
+            self._last_preview = now + wait
+        self.sleep(wait)
 
     def window_state(self) -> dict:
         """The rolling windows as they stand: what --status, --json and summaries report."""
@@ -1263,27 +1288,38 @@ class ApiSession:
         """What the freesound client calls before send()."""
         return self.http.prepare_request(request)
 
-    def get(self, url: str, headers: dict | None = None, stream: bool = False) -> requests.Response:
+    def get(self, url: str, headers: dict | None = None, stream: bool = False,
+            preview: bool = False) -> requests.Response:
         import requests
 
         return self.send(self.http.prepare_request(requests.Request("GET", url, headers=headers)),
-                         stream=stream)
+                         stream=stream, preview=preview)
 
-    def send(self, request: requests.PreparedRequest, **kwargs) -> requests.Response:
+    def send(self, request: requests.PreparedRequest, preview: bool = False, **kwargs) -> requests.Response:
+        """Send through every rule above. A `preview` is public: it goes without credentials,
+        to whatever https host serves previews, and is paced but not counted by the API."""
         import requests
 
         url = request.url or ""
-        if origin(url) != origin(self.config.api_base):
+        if preview:
+            scheme, host, _ = origin(url)
+            if scheme != "https" and not (scheme == "http" and is_loopback_host(host)):
+                raise ApiError(0, url, "refusing a preview URL that is not https")
+        elif origin(url) != origin(self.config.api_base):
             raise ApiError(0, url, "refusing to send credentials to a host other than the API's")
-        kind, sound_id = classify_request(url, self.config.api_base)
+        kind, sound_id = ("preview", None) if preview else classify_request(url, self.config.api_base)
         kwargs["allow_redirects"] = False
         timeout = self.config.timeout
         kwargs["timeout"] = kwargs.get("timeout") or (min(CONNECT_TIMEOUT_S, timeout), timeout)
         refreshed, attempt = False, 0
         while True:
             attempt += 1
-            credential = self._authenticate(request, url)
-            self.limits.acquire(kind, sound_id)
+            if preview:
+                credential = ""
+                self.limits.pace_preview()
+            else:
+                credential = self._authenticate(request, url)
+                self.limits.acquire(kind, sound_id)
             try:
                 response = self.http.send(request, **kwargs)
             except (requests.ConnectionError, requests.Timeout) as exc:
@@ -1293,7 +1329,7 @@ class ApiSession:
                 self._retry_or_raise(attempt, url, reason)
                 continue
             status = response.status_code
-            if status < 300 or (kind == "download" and status == 416):
+            if status < 300 or (kind in ("download", "preview") and status == 416):
                 return response
             detail = response_detail(response)
             response.close()
@@ -1380,6 +1416,7 @@ class Api:
         # The client reads its base URL from this class attribute, nowhere else.
         freesound.URIS.BASE = config.api_base
         self.config = config
+        self.fields = SEARCH_FIELDS + (",previews" if config.previews else "")
         self.client = freesound.FreesoundClient()
         self.client.session = session
 
@@ -1395,7 +1432,7 @@ class Api:
 
     def search(self, query: str, filter_: str | None, sort: str | None) -> Iterator[dict]:
         """Every result of a search, following `next` to the end."""
-        params = {"query": query, "page_size": PAGE_SIZE, "fields": SEARCH_FIELDS}
+        params = {"query": query, "page_size": PAGE_SIZE, "fields": self.fields}
         if filter_ is not None:
             params["filter"] = filter_
         if sort:
@@ -1408,7 +1445,7 @@ class Api:
         import freesound
 
         url = f"{self.config.api_base}{path}"
-        params = {"page_size": PAGE_SIZE, "fields": SEARCH_FIELDS}
+        params = {"page_size": PAGE_SIZE, "fields": self.fields}
         try:
             first = self._call(lambda: freesound.FSRequest.request(url, params, self.client, freesound.Pager), url)
         except ApiError as exc:
@@ -1449,20 +1486,23 @@ class Api:
             try:
                 url = f"{self.config.api_base}/sounds/{sound_id}/"
                 found[sound_id] = self._call(
-                    lambda: self.client.get_sound(sound_id, fields=SEARCH_FIELDS), url).as_dict()
+                    lambda: self.client.get_sound(sound_id, fields=self.fields), url).as_dict()
             except ApiError as exc:
                 if exc.status != 404:
                     raise
                 missing.append(sound_id)
         return [found[i] for i in sound_ids if i in found], missing
 
-    def open_download(self, sound_id: int, offset: int) -> requests.Response:
+    def open_download(self, sound: dict, offset: int, preview: str | None = None) -> requests.Response:
+        sound_id = int(sound["id"])
         headers = {"Accept-Encoding": "identity"}  # byte counts must match the file
         if offset:
             headers["Range"] = f"bytes={offset}-"
-        url = f"{self.config.api_base}/sounds/{sound_id}/download/"
+        url = preview_url(sound, preview) if preview else f"{self.config.api_base}/sounds/{sound_id}/download/"
+        if not url:
+            raise DownloadError(sound_id, f"Freesound lists no {preview} preview for it")
         try:
-            return self.client.session.get(url, headers=headers, stream=True)
+            return self.client.session.get(url, headers=headers, stream=True, preview=bool(preview))
         except ApiError as exc:
             if exc.status == 404:
                 raise DownloadError(sound_id, f"not available for download ({exc.detail})") from None
@@ -1498,15 +1538,17 @@ def hash_file(path: Path, digest: hashlib._Hash | None = None) -> hashlib._Hash:
 
 
 def download_to(api: Api, sound: dict, dest: Path, ui: Ui | _SlotUi,
-                stop: threading.Event | None = None) -> Path:
-    """Stream one original to `<dest>.part` and verify its size and md5; returns the .part."""
-    sound_id, size = int(sound["id"]), int(sound.get("filesize") or 0)
+                stop: threading.Event | None = None, preview: str | None = None) -> tuple[Path, str]:
+    """Stream one original (or preview) to `<dest>.part`; an original's size and md5 are
+    checked against its metadata. Returns the .part and the md5 of what arrived."""
+    sound_id = int(sound["id"])
+    size = 0 if preview else int(sound.get("filesize") or 0)  # the metadata describes the original
     part = dest.with_name(dest.name + PART_SUFFIX)
     offset = part.stat().st_size if part.exists() else 0
     if size and offset > size:
         part.unlink()
         offset = 0
-    with api.open_download(sound_id, offset) as response:
+    with api.open_download(sound, offset, preview) as response:
         if response.status_code == 416:  # nothing left to send: the .part may be whole
             if not offset:
                 raise DownloadError(sound_id, "the server refused the download (416)")
@@ -1523,8 +1565,9 @@ def download_to(api: Api, sound: dict, dest: Path, ui: Ui | _SlotUi,
             # Hash while streaming; only a resumed file's existing bytes are read back.
             with BackgroundMd5(hash_file(part) if offset else hashlib.md5()) as digest:
                 _write_body(response, part, offset, digest, size, ui, dest.name, stop)
-    _verify(sound, part, digest.hexdigest())
-    return part
+    if not preview:
+        _verify(sound, part, digest.hexdigest())
+    return part, digest.hexdigest()
 
 
 class BackgroundMd5:
@@ -1820,6 +1863,14 @@ class Library:
             write_json_atomic(self.folder / f"{file_name}.json", sidecar)
         self._update_failed(sound_id, None)
 
+    def check_variant(self, preview: str | None) -> None:
+        """One folder holds originals or one kind of preview, never a mix under one metadata.json."""
+        other = next((e for e in self.entries if e.get("preview") != preview), None)
+        if other is not None:
+            held = f"{other['preview']} previews" if other.get("preview") else "originals"
+            wanted = f"{preview} previews" if preview else "originals"
+            raise UsageError(f"{self.folder} holds {held}; put the {wanted} in another --output-dir")
+
     def note_failed(self, sound_id: int, reason: str, now: float) -> None:
         """Add (or update) the sound's line in failed_ids.txt, a valid --ids-file."""
         with self._write_lock:
@@ -1885,6 +1936,7 @@ class Runner:
                              self.config.daily_cap, used)
             return self.report
         with library.locked(self.config.wait_lock, self.ui):
+            library.check_variant(self.config.previews)
             self._run_locked(library)
         return self.report
 
@@ -1896,8 +1948,9 @@ class Runner:
             self.report.remaining = len(todo) - self.config.max
             todo = todo[:self.config.max]
         if todo:
-            self.api()  # logs in if needed, before the first download is paced
-            self._auth.access_token()
+            self.api()
+            if not self.config.previews:  # log in now, before the first download is paced
+                self._auth.access_token()
             self._download_until_done(library, todo)
         if self._limits is not None:
             self.report.window = self._limits.window_state()
@@ -2054,14 +2107,18 @@ class Runner:
         return True
 
     def _download_one(self, library: Library, sound: dict, slot: int = 0) -> None:
-        name = sound_filename(sound)
+        preview = self.config.previews
+        name = sound_filename(sound, preview)
         dest = library.folder / name
-        if library.adoptable(sound, dest):
+        if not preview and library.adoptable(sound, dest):
             library.record(sound, name, time.time())
             with self._report_lock:
                 self.report.skipped += 1
             return
-        part = self._download_with_retries(sound, dest, slot)
+        part, md5_hex = self._download_with_retries(sound, dest, slot)
+        if preview:
+            sound = {**sound, "filesize": part.stat().st_size, "md5": md5_hex,
+                     "type": preview.partition("-")[2], "preview": preview}
         with signals_deferred():
             os.replace(part, dest)
             library.record(sound, name, time.time())
@@ -2069,14 +2126,14 @@ class Runner:
             self.report.downloaded += 1
         self.ui.info(f"downloaded {name} ({format_size(int(sound.get('filesize') or 0))})")
 
-    def _download_with_retries(self, sound: dict, dest: Path, slot: int = 0) -> Path:
+    def _download_with_retries(self, sound: dict, dest: Path, slot: int = 0) -> tuple[Path, str]:
         """Resume after a dropped connection; after a corrupt file, start over once."""
         import requests
 
         api, sound_id = self.api(), int(sound["id"])
         for attempt in range(1, self.config.retries + 2):
             try:
-                return download_to(api, sound, dest, self.ui.slot(slot), self._abort)
+                return download_to(api, sound, dest, self.ui.slot(slot), self._abort, self.config.previews)
             except (requests.ConnectionError, requests.Timeout,
                     requests.exceptions.ChunkedEncodingError) as exc:
                 reason = f"connection lost mid-download ({type(exc).__name__})"
@@ -2166,6 +2223,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--client-secret-file", metavar="PATH", help="read the client secret from this file")
     add("--state-dir", metavar="DIR", help=f"token and ledger folder (default: ${ENV_STATE_DIR} or "
         "the per-user config folder)")
+    add("--previews", nargs="?", const="hq-mp3", choices=PREVIEW_KINDS, metavar="KIND",
+        help="download previews (" + ", ".join(PREVIEW_KINDS) + "; default hq-mp3) instead of "
+             "originals: needs only the API key, no login")
     add("--sidecars", action="store_true",
         help="also write <file>.json beside each audio file: its metadata and attribution line")
     add("--json", action="store_true",
@@ -2271,7 +2331,7 @@ def config_from_args(args: argparse.Namespace, environ: dict, stdin=sys.stdin) -
         max=args.max, output_dir=Path(args.output_dir), rate=args.rate, daily_cap=args.daily_cap,
         api_rate=args.api_rate, api_daily_cap=args.api_daily_cap, dry_run=args.dry_run,
         print_filter=args.print_filter, status=args.status, wait=args.wait, json=args.json,
-        sidecars=args.sidecars,
+        sidecars=args.sidecars, previews=args.previews,
         login=args.login, auth_code=args.auth_code,
         redirect_uri=check_redirect_uri(args.redirect_uri) if args.redirect_uri else None,
         client_id=args.client_id or environ.get(ENV_CLIENT_ID),

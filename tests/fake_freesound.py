@@ -113,6 +113,9 @@ class FakeSound:
             fields = ["id", "name", "tags", "username", "license"]
         return {key: full[key] for key in fields if key in full}
 
+    def preview_bytes(self, quality: str, extension: str) -> bytes:
+        return f"PREVIEW {quality} {extension} of {self.id}:".encode() + self.data[:256]
+
     def friendly_filename(self) -> str:
         stem = self.name.rsplit(".", 1)[0] if "." in self.name else self.name
         return f"{self.id}__{slugify(self.username)}__{slugify(stem)}.{self.type}"
@@ -452,6 +455,13 @@ class _Handler(BaseHTTPRequestHandler):
         match = re.fullmatch(r"/apiv2/sounds/(\d+)/download/", path)
         if match:
             return self._authed(True, lambda: self._download(int(match.group(1))))
+        match = re.fullmatch(r"/apiv2/previews/(\d+)-(hq|lq)\.(mp3|ogg)", path)
+        if match:  # public, like the CDN: no credentials, not throttled
+            sound = self.fake.sounds.get(int(match.group(1)))
+            if sound is None:
+                return self._html(404, "<h1>Not Found</h1>")
+            body = sound.preview_bytes(match.group(2), match.group(3))
+            return self._send(200, body, {"Content-Type": "audio/mpeg" if match.group(3) == "mp3" else "audio/ogg"})
         match = re.fullmatch(r"/apiv2/(packs|users)/([^/]+)/sounds/", path)
         if match:
             return self._authed(False, lambda: self._owner_sounds(match.group(1), unquote(match.group(2)), query))

@@ -710,3 +710,23 @@ def test_login_through_a_loopback_redirect_needs_no_copy_paste(env, tmp_path):
 def test_a_redirect_uri_that_is_not_loopback_http_is_refused(env):
     result = env.run("--login", "--redirect-uri", "https://example.com/callback")
     assert result.returncode == 2 and "--redirect-uri" in result.stderr
+
+
+def test_previews_need_no_login_and_never_share_a_folder_with_originals(env, tmp_path):
+    result = env.run("--ids", "1000", "1001", "--previews", "lq-ogg")  # no token.json at all
+    assert result.returncode == 0, result.output
+    entries = env.metadata()
+    assert [e["preview"] for e in entries] == ["lq-ogg", "lq-ogg"]
+    for entry in entries:
+        sound = env.fake.sounds[entry["id"]]
+        assert entry["file"].endswith("__preview-lq.ogg") and entry["type"] == "ogg"
+        assert (env.out / entry["file"]).read_bytes() == sound.preview_bytes("lq", "ogg")
+        assert entry["filesize"] == len(sound.preview_bytes("lq", "ogg"))
+    assert not env.fake.downloads() and not env.fake.requests_to("/oauth2/")
+    previews = env.fake.requests_to("/previews/")
+    assert len(previews) == 2 and all("Authorization" not in r["headers"] for r in previews)
+    assert all(r["headers"]["Authorization"].startswith("Token ") for r in env.fake.requests_to("/search/"))
+    mixed = env.run("--ids", "1002")  # originals into the previews folder
+    assert mixed.returncode == 2 and "another --output-dir" in mixed.stderr
+    again = env.run("--ids", "1000", "1001", "--previews", "lq-ogg")
+    assert again.returncode == 0 and len(env.fake.requests_to("/previews/")) == 2  # nothing twice

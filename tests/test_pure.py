@@ -525,3 +525,20 @@ def test_the_loopback_receiver_hands_over_the_redirect_query():
         with urllib.request.urlopen(receiver.redirect_uri + "?code=abc&state=s1") as response:
             assert response.status == 200
         assert receiver.wait(1) == {"code": "abc", "state": "s1"}
+
+
+def test_preview_names_never_collide_with_originals():
+    sound = _sound(type="mp3")
+    assert dl.sound_filename(sound) == "1234__some-user__my-sound.mp3"
+    assert dl.sound_filename(sound, "hq-mp3") == "1234__some-user__my-sound__preview-hq.mp3"
+    long_name = dl.sound_filename(_sound(name="n" * 400), "lq-ogg")
+    assert long_name.endswith("__preview-lq.ogg") and len(long_name) <= dl.MAX_NAME_BYTES
+
+
+@pytest.mark.parametrize("previews, expected", [
+    ({"preview-hq-mp3": "https://cdn/x-hq.mp3"}, "https://cdn/x-hq.mp3"),   # as the API sends it
+    ({"preview_hq_mp3": "https://cdn/y-hq.mp3"}, "https://cdn/y-hq.mp3"),   # as the client rewrites it
+    ({}, None),
+])
+def test_preview_url(previews, expected):
+    assert dl.preview_url({"previews": previews}, "hq-mp3") == expected
