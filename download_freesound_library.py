@@ -1301,12 +1301,7 @@ class ApiSession:
         import requests
 
         url = request.url or ""
-        if preview:
-            scheme, host, _ = origin(url)
-            if scheme != "https" and not (scheme == "http" and is_loopback_host(host)):
-                raise ApiError(0, url, "refusing a preview URL that is not https")
-        elif origin(url) != origin(self.config.api_base):
-            raise ApiError(0, url, "refusing to send credentials to a host other than the API's")
+        self._check_destination(url, preview)
         kind, sound_id = ("preview", None) if preview else classify_request(url, self.config.api_base)
         kwargs["allow_redirects"] = False
         timeout = self.config.timeout
@@ -1352,6 +1347,14 @@ class ApiSession:
                 self._retry_or_raise(attempt, url, f"HTTP {status}: {detail}", status)
                 continue
             raise api_error(status, url, detail, oauth=credential.startswith("Bearer"))
+
+    def _check_destination(self, url: str, preview: bool) -> None:
+        """Credentials go to the API's own origin only; previews go to https hosts only."""
+        if not preview and origin(url) != origin(self.config.api_base):
+            raise ApiError(0, url, "refusing to send credentials to a host other than the API's")
+        scheme, host, _ = origin(url)
+        if preview and scheme != "https" and not (scheme == "http" and is_loopback_host(host)):
+            raise ApiError(0, url, "refusing a preview URL that is not https")
 
     def _authenticate(self, request: requests.PreparedRequest, url: str) -> str:
         """Set and return the Authorization header: OAuth2 where the API demands it, else the key."""
@@ -2349,15 +2352,15 @@ def _raise_terminated(signum, frame) -> None:
 
 def program(config: Config, ui: Ui, stdin) -> ExitCode:
     """The work, without error handling."""
-    if config.rate > config.api_rate:
-        ui.info(f"note: --rate {config.rate:g} is above --api-rate {config.api_rate:g}; "
-                f"downloads will start at most {config.api_rate:g} a minute")
     def read_line() -> str:
         line = stdin.readline()
         if not stdin.isatty():
             ui.prompt("\n")  # a piped answer is not echoed: end the prompt line ourselves
         return line
 
+    if config.rate > config.api_rate:
+        ui.info(f"note: --rate {config.rate:g} is above --api-rate {config.api_rate:g}; "
+                f"downloads will start at most {config.api_rate:g} a minute")
     if config.print_filter:
         print(config.filter or "")
         return ExitCode.SUCCESS
@@ -2407,13 +2410,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.json:  # scripts get an object whatever happened
             print(json.dumps({"error": str(exc), "exit_code": int(exc.exit_code)}))
         return exc.exit_code
-    except KeyboardInterrupt:
-        print(f"\n{PROG}: interrupted; finished files and metadata are saved, re-run to resume",
-              file=sys.stderr)
-        return ExitCode.INTERRUPTED
-    except Terminated:
-        print(f"{PROG}: terminated; finished files and metadata are saved", file=sys.stderr)
-        return ExitCode.TERMINATED
+    except (KeyboardInterrupt, Terminated) as exc:
+        code = ExitCode.INTERRUPTED if isinstance(exc, KeyboardInterrupt) else ExitCode.TERMINATED
+        what = "interrupted" if code == ExitCode.INTERRUPTED else "terminated"
+        print(f"\n{PROG}: {what}; finished files and metadata are saved, re-run to resume", file=sys.stderr)
+        if args.json:
+            print(json.dumps({"error": what, "exit_code": int(code)}))
+        return code
     except OSError as exc:
         if args.debug:
             raise
