@@ -730,3 +730,11 @@ def test_previews_need_no_login_and_never_share_a_folder_with_originals(env, tmp
     assert mixed.returncode == 2 and "another --output-dir" in mixed.stderr
     again = env.run("--ids", "1000", "1001", "--previews", "lq-ogg")
     assert again.returncode == 0 and len(env.fake.requests_to("/previews/")) == 2  # nothing twice
+
+
+def test_quiet_shows_only_errors(env):
+    env.login()
+    quiet = env.run("--ids", "1000", "--quiet")
+    assert quiet.returncode == 0 and quiet.stderr == "" and quiet.stdout == ""
+    failing = env.run("--ids", "999999", "--quiet")
+    assert failing.returncode == 1 and "999999" in failing.stderr
