@@ -35,6 +35,14 @@ def _assert_library_exact(env: Env, expected_ids) -> None:
         assert "licensed under" not in line or any(f"/s/{i}/" in line for i in expected_ids)
 
 
+def _wait_for_downloads(fake: FakeFreesound, count: int, timeout_s: float = 20) -> None:
+    """Until the server has seen `count` download requests: the run holds its lock by then."""
+    deadline = time.monotonic() + timeout_s
+    while len(fake.downloads()) < count:
+        assert time.monotonic() < deadline, "the first run never started downloading"
+        time.sleep(0.02)
+
+
 def _popen(env: Env, *args: str, out=None) -> subprocess.Popen:
     argv = [sys.executable, str(SCRIPT), *FAST, "--output-dir", str(out or env.out), *args]
     return subprocess.Popen(argv, env=env.environ, stdin=subprocess.DEVNULL,
@@ -224,7 +232,7 @@ def test_a_second_run_on_the_same_folder_exits_2_naming_the_first(env):
     env.login()
     env.fake.download_delay_s = 0.5
     first = _popen(env, "--ids", "1000", "1001", "1002", "--jobs", "1")
-    time.sleep(0.8)
+    _wait_for_downloads(env.fake, 1)
     second = env.run("--ids", "1000", "1001", "1002")
     assert second.returncode == 2, second.output
     assert f"pid {first.pid}" in second.stderr and "--wait-lock" in second.stderr
@@ -236,7 +244,7 @@ def test_with_wait_lock_the_second_run_waits_and_downloads_nothing_twice(env):
     env.login()
     env.fake.download_delay_s = 0.3
     first = _popen(env, "--ids", "1000", "1001", "1002", "--jobs", "1")
-    time.sleep(0.6)
+    _wait_for_downloads(env.fake, 1)
     second = _popen(env, "--ids", "1000", "1001", "1002", "1003", "--wait-lock")
     out1, err1 = first.communicate(timeout=30)
     out2, err2 = second.communicate(timeout=30)
