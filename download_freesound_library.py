@@ -1324,6 +1324,10 @@ class ApiSession:
                 self._retry_or_raise(attempt, url, reason)
                 continue
             status = response.status_code
+            if kind == "api" and status < 300 and "json" not in response.headers.get("Content-Type", ""):
+                detail = response_detail(response)  # a proxy's page where the API's JSON should be
+                response.close()
+                raise ApiError(status, url, detail)
             if status < 300 or (kind in ("download", "preview") and status == 416):
                 return response
             detail = response_detail(response)

@@ -100,7 +100,8 @@ def test_an_html_page_where_json_was_expected_names_the_url_and_status(env):
     env.fake.inject(r"/search/text/$", 200, "<html>proxy login</html>", headers={"Content-Type": "text/html"})
     result = env.run("--query", "rain")
     assert result.returncode == 1, result.output
-    assert "/apiv2/search/text/" in result.stderr and "JSON" in result.stderr
+    assert "HTTP 200 for http://" in result.stderr and "/apiv2/search/text/" in result.stderr
+    assert "text/html" in result.stderr and "JSON" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
 
 
