@@ -269,6 +269,11 @@ def parse_sound_ref(text: str) -> int | None:
     return int(match.group(1) or match.group(2)) if match else None
 
 
+def strip_comment(line: str) -> str:
+    """The line without its comment: '#' at the start or after a space (URLs may hold '#')."""
+    return re.sub(r"(^|\s)#.*", "", line).strip()
+
+
 def parse_id_lines(lines: Iterable[str], source: str) -> list[int]:
     """Parse one sound per line; skip blanks and # comments; drop repeats, keep order.
 
@@ -276,8 +281,7 @@ def parse_id_lines(lines: Iterable[str], source: str) -> list[int]:
     """
     ids: dict[int, None] = {}
     for number, line in enumerate(lines, start=1):
-        # A '#' starts a comment at the start of a line or after a space; URLs may hold '#'.
-        text = re.sub(r"(^|\s)#.*", "", line).strip()
+        text = strip_comment(line)
         if not text:
             continue
         sound_id = parse_sound_ref(text)
@@ -670,7 +674,7 @@ FAILED_IDS_HEADER = (f"# Sounds that could not be downloaded, with the reason. R
 
 
 def _line_sound_id(line: str) -> int | None:
-    text = re.sub(r"(^|\s)#.*", "", line).strip()
+    text = strip_comment(line)
     return parse_sound_ref(text) if text else None
 
 
