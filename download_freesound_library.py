@@ -1325,17 +1325,16 @@ class ApiSession:
                 reason = f"network error: {type(exc).__name__}"
                 if attempt > self.config.retries:
                     raise NetworkError(url, f"{reason} (gave up after {attempt} tries)") from None
-                self._retry_or_raise(attempt, url, reason)
+                self._back_off(attempt, url, reason)
                 continue
             status = response.status_code
-            if kind == "api" and status < 300 and "json" not in response.headers.get("Content-Type", ""):
-                detail = response_detail(response)  # a proxy's page where the API's JSON should be
-                response.close()
-                raise ApiError(status, url, detail)
-            if status < 300 or (kind in ("download", "preview") and status == 416):
+            not_json = kind == "api" and "json" not in response.headers.get("Content-Type", "")
+            if (status < 300 and not not_json) or (kind in ("download", "preview") and status == 416):
                 return response
             detail = response_detail(response)
             response.close()
+            if status < 300:  # a proxy's page where the API's JSON should be
+                raise ApiError(status, url, detail)
             if response.is_redirect:  # the API never redirects; following could leak the token
                 location = redact_url(response.headers.get("Location", ""))
                 raise ApiError(status, url, f"unexpected redirect to {location}; not followed")
@@ -1378,6 +1377,9 @@ class ApiSession:
 
     def _retry_or_raise(self, attempt: int, url: str, reason: str, status: int = 0) -> None:
         self._check_attempts(attempt, status, url, reason)
+        self._back_off(attempt, url, reason)
+
+    def _back_off(self, attempt: int, url: str, reason: str) -> None:
         delay = backoff_delay(attempt, self.config.backoff, random.random())
         self.ui.info(f"{reason} for {redact_url(url)}; retrying in {delay:.1f} s")
         self.sleep(delay)
@@ -1540,8 +1542,8 @@ def resumed_offset(status: int, content_range: str | None, offset: int, size: in
     return offset
 
 
-def hash_file(path: Path, digest: hashlib._Hash | None = None) -> hashlib._Hash:
-    digest = digest or hashlib.md5()
+def hash_file(path: Path) -> hashlib._Hash:
+    digest = hashlib.md5()
     with path.open("rb") as handle:
         for chunk in iter(lambda: handle.read(CHUNK_SIZE_BYTES), b""):
             digest.update(chunk)
@@ -2045,8 +2047,10 @@ class Runner:
                     self.report.skipped += 1
                 else:
                     sounds.append(sound)
-        unique = {int(sound["id"]): sound for sound in reversed(sounds)}  # first one wins
-        return [unique[key] for key in dict.fromkeys(int(sound["id"]) for sound in sounds)]
+        unique: dict[int, dict] = {}
+        for sound in sounds:  # a sound can come twice across search pages: keep the first
+            unique.setdefault(int(sound["id"]), sound)
+        return list(unique.values())
 
     def _download_all(self, library: Library, todo: list[dict]) -> None:
         """Download `todo` with --jobs at once; all share the pacer, ledger and metadata writer."""
