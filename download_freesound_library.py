@@ -1,4 +1,4 @@
-#!/usr/bin/env python3
+#!/usr/bin/env -S uv run --script
 # /// script
 # requires-python = ">=3.10"
 # dependencies = [
@@ -37,8 +37,10 @@ import contextlib
 import dataclasses
 import datetime as dt
 import enum
+import functools
 import hashlib
 import ipaddress
+import itertools
 import json
 import math
 import os
@@ -54,7 +56,7 @@ import time
 import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
 # requests, freesound, oauthlib and tqdm are imported where they are first needed:
@@ -139,12 +141,16 @@ class FreesoundDownloadError(Exception):
     FreesoundDownloadError         1
      ├── UsageError                2  bad flags or input, unusable files or folders
      ├── AuthError                 3  credentials, login, token refresh, suspension
-     ├── ApiError(status, url)     1  a request failed for good (after retries)
-     │    └── NetworkError         1  no answer at all
-     └── DownloadError(sound_id)   -  one sound failed; counted, the run goes on
-          └── CorruptDownload      -  wrong size or md5: discarded, fetched once more
-    DailyLimitReached              4  control flow: stop cleanly, re-run later
-    Terminated                     143 SIGTERM, handled like Ctrl-C
+     │    └── LoginExpired         3  the refresh token was rejected: log in again
+     ├── ApiError(status, url)     1  a request failed for good
+     │    ├── NotFound             1  404: the caller says what a missing thing means
+     │    └── Unavailable          1  no usable answer after the retries (5xx, 429/minute)
+     │         └── NetworkError    1  no answer at all, or a body cut short
+     ├── DownloadError(sound_id)   -  one sound failed; counted, the run goes on
+     │    └── CorruptDownload      -  wrong size or md5: discarded, fetched once more
+     └── DailyLimitReached         4  stop cleanly, re-run later
+    Terminated (BaseException)     143 SIGTERM, handled like Ctrl-C
+    Stopped (BaseException)        -  a worker told to stop: no new request, .part kept
     """
 
     exit_code = ExitCode.SOME_FAILED
@@ -158,14 +164,26 @@ class AuthError(FreesoundDownloadError):
     exit_code = ExitCode.AUTH
 
 
+class LoginExpired(AuthError):
+    """The refresh token was rejected (revoked, or rotated by another run): log in again."""
+
+
 class ApiError(FreesoundDownloadError):
     def __init__(self, status: int, url: str, detail: str) -> None:
         self.status, self.url, self.detail = status, url, detail
         super().__init__(f"HTTP {status} for {redact_url(url)}: {detail}")
 
 
-class NetworkError(ApiError):
-    """No answer at all (refused, reset, timed out), after the retries."""
+class NotFound(ApiError):
+    """404: a sound, pack, user or page that is not there."""
+
+
+class Unavailable(ApiError):
+    """The server gave no usable answer, even after the retries."""
+
+
+class NetworkError(Unavailable):
+    """No answer at all (refused, reset, timed out), or a body cut short."""
 
     def __init__(self, url: str, reason: str) -> None:
         super().__init__(0, url, reason)
@@ -179,10 +197,6 @@ class DownloadError(FreesoundDownloadError):
 
 class CorruptDownload(DownloadError):
     """The bytes arrived but are not the sound: worth one more try from scratch."""
-
-
-class LoginExpired(AuthError):
-    """The refresh token was rejected (revoked, or rotated by another run): log in again."""
 
 
 class DailyLimitReached(FreesoundDownloadError):
@@ -199,7 +213,8 @@ class Terminated(BaseException):
 
 
 class Stopped(BaseException):
-    """A download thread told to stop (Ctrl-C in the main thread): its .part stays for next time."""
+    """The run has decided to stop (a daily limit, a fatal error, Ctrl-C): a worker starts
+    no new request, and a transfer told to abort keeps its .part for next time."""
 
 
 ###############################################################################
@@ -207,13 +222,28 @@ class Stopped(BaseException):
 ###############################################################################
 
 
+class Action(enum.Enum):
+    """What a run does; the first flag in this order wins."""
+
+    PRINT_FILTER = "print the compiled filter"
+    LOGIN = "log in"
+    LIST_BOOKMARKS = "list bookmark categories"
+    STATUS = "report the windows, login and library"
+    DRY_RUN = "plan, download nothing"
+    DOWNLOAD = "download"
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
+    """Everything a run needs, validated; built from the command line by config_from_args()."""
+
+    action: Action = Action.DOWNLOAD
+    # The source: exactly one of these is set for DOWNLOAD and DRY_RUN.
     query: str | None = None
     ids: tuple[int, ...] | None = None
     pack: int | None = None
     user: str | None = None
-    bookmarks: str | None = None  # a category id or name; "" lists the categories
+    bookmark_category: str | None = None  # an id or a name
     filter: str | None = None
     sort: str | None = None
     max: int | None = None
@@ -222,32 +252,33 @@ class Config:
     daily_cap: int = DEFAULT_DAILY_CAP
     api_rate: float = DEFAULT_API_RATE_PER_MIN
     api_daily_cap: int = DEFAULT_API_DAILY_CAP
-    dry_run: bool = False
-    print_filter: bool = False
-    status: bool = False
     wait: bool = False
     json: bool = False
     sidecars: bool = False
     previews: str | None = None
-    login: bool = False
     auth_code: str | None = None
     redirect_uri: str | None = None
     client_id: str | None = None
     client_secret: str | None = None
     api_base: str = DEFAULT_API_BASE
     state_dir: Path = Path(".")
-    jobs: int = 1
+    jobs: int = DEFAULT_JOBS
     retries: int = DEFAULT_RETRIES
     backoff: float = DEFAULT_BACKOFF_S
     timeout: float = READ_TIMEOUT_S
     wait_lock: bool = False
-    debug: bool = False
-    quiet: bool = False
 
     @property
     def download_interval_s(self) -> float:
         """Start-to-start spacing of downloads: the stricter of --rate and --api-rate."""
         return MINUTE_S / min(self.rate, self.api_rate)
+
+    def check_credentials(self) -> None:
+        """Checked when a request first needs them, so a run with nothing to fetch needs none."""
+        if not self.client_id or not self.client_secret:
+            raise AuthError(
+                f"missing API credentials: set {ENV_CLIENT_ID} and {ENV_CLIENT_SECRET} "
+                f"(client id and client secret/API key from {CREDENTIALS_PAGE})")
 
 
 ###############################################################################
@@ -527,56 +558,269 @@ def runs_needed(new: int, daily_cap: int, used_now: int) -> int:
     return later + (1 if left_now else 0)
 
 
-def plan(todo: Sequence[dict], selected: int, present: int, not_found: Sequence[int],
-         daily_cap: int, used_now: int) -> dict:
+###############################################################################
+# Pure: what a request's answer means ##########################################
+###############################################################################
+
+
+class Step(enum.Enum):
+    RETURN = "hand the response to the caller"
+    RETRY = "send again after delay_s"
+    RESEND = "send again at once with the current token, which another worker or run replaced"
+    REFRESH = "refresh the token (once per request), then send again"
+    DAY_LIMIT = "stop the run: the credential's day is used up"
+    RAISE = "fail with the error"
+
+
+@dataclasses.dataclass(frozen=True)
+class Answer:
+    """One request's answer, reduced to what decide() needs."""
+
+    status: int                   # 0: no answer at all
+    detail: str = ""              # the API's `detail`, or why there was no answer
+    is_json: bool = True          # API answers must be JSON; a proxy's page is not
+    location: str | None = None   # where a redirect points
+    token_rejected: bool = False  # 401 with WWW-Authenticate error="invalid_token"
+    retry_after_s: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Attempt:
+    url: str
+    kind: str                     # "api", "download" or "preview"
+    number: int                   # 1 for the first try
+    bearer: bool = False          # sent with the OAuth2 token
+    token_replaced: bool = False  # that token has since been replaced by another worker or run
+    refreshed: bool = False       # this request has had its one refresh
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    step: Step
+    delay_s: float = 0.0
+    error: FreesoundDownloadError | None = None
+    note: str = ""                # what the user is told about a retry
+
+
+def decide(answer: Answer, attempt: Attempt, retries: int, backoff_s: float,
+           throttle_wait_s: float = 0.0) -> Decision:
+    """What to do with an answer: the whole retry policy, and every HTTP status made ours.
+
+    `backoff_s` is this attempt's jittered backoff; `throttle_wait_s` how long until our own
+    minute window is under the server's limit (the real 429 has no Retry-After)."""
+    status, url, detail = answer.status, attempt.url, answer.detail
+    if 200 <= status < 300 and (answer.is_json or attempt.kind != "api"):
+        return Decision(Step.RETURN)
+    if status == 416 and attempt.kind != "api":  # the .part is already whole
+        return Decision(Step.RETURN)
+    if 200 <= status < 300:  # a proxy's page where the API's JSON should be
+        return Decision(Step.RAISE, error=ApiError(status, url, detail))
+    if answer.location is not None:  # the API never redirects; following could leak the token
+        reason = f"unexpected redirect to {redact_url(answer.location)}; not followed"
+        return Decision(Step.RAISE, error=ApiError(status, url, reason))
+    out_of_tries = attempt.number > retries
+    if status == 401 and attempt.bearer and answer.token_rejected:
+        if attempt.token_replaced and not out_of_tries:
+            return Decision(Step.RESEND)
+        if not attempt.refreshed and not attempt.token_replaced:
+            return Decision(Step.REFRESH)
+    if status == 429 and throttle_kind(detail) == "day":
+        return Decision(Step.DAY_LIMIT, note=f"Freesound's own daily limit ({detail})")
+    if status == 429 and throttle_kind(detail) == "minute":
+        wait = answer.retry_after_s if answer.retry_after_s is not None else max(throttle_wait_s, backoff_s)
+        wait = min(wait, MINUTE_S)
+        return _retry_or_give_up(answer, attempt, out_of_tries, wait,
+                                 f"Freesound says slow down (429); waiting {wait:.0f} s")
+    if status == 0 or status in RETRY_STATUSES:
+        reason = detail if status == 0 else f"HTTP {status}: {detail}"
+        return _retry_or_give_up(answer, attempt, out_of_tries, backoff_s,
+                                 f"{reason} for {redact_url(url)}; retrying in {backoff_s:.1f} s")
+    return Decision(Step.RAISE, error=final_error(status, url, detail, attempt.bearer))
+
+
+def _retry_or_give_up(answer: Answer, attempt: Attempt, out_of_tries: bool, delay_s: float,
+                      note: str) -> Decision:
+    if not out_of_tries:
+        return Decision(Step.RETRY, delay_s=delay_s, note=note)
+    detail = f"{answer.detail} (gave up after {attempt.number} tries)"
+    error = (NetworkError(attempt.url, detail) if answer.status == 0
+             else Unavailable(answer.status, attempt.url, detail))
+    return Decision(Step.RAISE, error=error)
+
+
+def final_error(status: int, url: str, detail: str, bearer: bool) -> FreesoundDownloadError:
+    """The error a final, non-retryable HTTP status means to the user."""
+    if status == 429:  # neither the per-day nor the per-minute kind: a suspended credential
+        return AuthError(f"Freesound: {detail}")
+    if status == 401:
+        what = "OAuth2 login" if bearer else f"API key ({ENV_CLIENT_SECRET})"
+        return AuthError(f"Freesound rejected the {what}: {detail}")
+    if status == 403 and "secure connection" in detail:
+        return UsageError(f"Freesound requires https: set {ENV_API_URL} to an https:// URL ({detail})")
+    if status == 400:
+        return UsageError(f"Freesound rejected the request: {detail}")
+    if status == 404:
+        return NotFound(status, url, detail)
+    return ApiError(status, url, detail)
+
+
+###############################################################################
+# Pure: reports ###############################################################
+###############################################################################
+
+
+@dataclasses.dataclass(frozen=True)
+class Window:
+    """The rolling windows as they stand: what --status, --dry-run and summaries report."""
+
+    downloads_used: int
+    downloads_left: int
+    daily_cap: int
+    requests_used: int
+    api_daily_cap: int
+    requests_last_minute: int
+    next_download_slot: str  # an ISO time, or "now"
+
+
+def window_of(download_times: Sequence[float], request_times: Sequence[float], now: float,
+              daily_cap: int, api_daily_cap: int) -> Window:
+    used = len(times_in_window(download_times, now, DAY_S))
+    frees = window_frees_at(download_times, daily_cap, now, DAY_S)
+    return Window(downloads_used=used, downloads_left=max(0, daily_cap - used), daily_cap=daily_cap,
+                  requests_used=len(times_in_window(request_times, now, DAY_S)), api_daily_cap=api_daily_cap,
+                  requests_last_minute=len(times_in_window(request_times, now, MINUTE_S)),
+                  next_download_slot=iso_utc(frees) if frees > now else "now")
+
+
+@dataclasses.dataclass(frozen=True)
+class LicenseRow:
+    sounds: int = 0
+    bytes: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
     """What --dry-run reports: the new sounds by licence, their size, the daily runs they need."""
-    by_license: dict[str, dict] = {}
+
+    selected: int
+    present: int
+    new: int
+    new_bytes: int
+    by_license: dict[str, LicenseRow]
+    not_found: list[int]
+    daily_cap: int
+    downloads_used: int
+    runs: int
+
+    def text(self) -> str:
+        lines = [f"{self.selected} sounds selected, {self.present} already present, "
+                 f"{self.new} new ({format_size(self.new_bytes)})"]
+        if self.by_license:
+            lines += ["", "| licence | sounds | size |", "|---|---:|---:|"]
+            lines += [f"| {name} | {row.sounds} | {format_size(row.bytes)} |" for name, row in self.by_license.items()]
+            lines.append("")
+        lines.append(f"at --daily-cap {self.daily_cap} ({self.downloads_used} used in the last 24 hours) "
+                     f"that takes {self.runs} run{'s' if self.runs != 1 else ''}, one a day")
+        if self.not_found:
+            lines.append("not found on Freesound: " + ", ".join(map(str, self.not_found)))
+        return "\n".join(lines)
+
+
+def plan(todo: Sequence[dict], selected: int, present: int, not_found: Sequence[int],
+         daily_cap: int, used_now: int) -> Plan:
+    by_license: dict[str, LicenseRow] = {}
     for sound in todo:
-        row = by_license.setdefault(license_name(str(sound.get("license") or "")), {"sounds": 0, "bytes": 0})
-        row["sounds"] += 1
-        row["bytes"] += int(sound.get("filesize") or 0)
-    return {"selected": selected, "present": present, "new": len(todo),
-            "new_bytes": sum(row["bytes"] for row in by_license.values()),
-            "by_license": dict(sorted(by_license.items())), "not_found": list(not_found),
-            "daily_cap": daily_cap, "downloads_used": used_now,
-            "runs": runs_needed(len(todo), daily_cap, used_now)}
+        name = license_name(str(sound.get("license") or ""))
+        row = by_license.get(name, LicenseRow())
+        by_license[name] = LicenseRow(row.sounds + 1, row.bytes + int(sound.get("filesize") or 0))
+    return Plan(selected=selected, present=present, new=len(todo),
+                new_bytes=sum(row.bytes for row in by_license.values()),
+                by_license=dict(sorted(by_license.items())), not_found=list(not_found),
+                daily_cap=daily_cap, downloads_used=used_now, runs=runs_needed(len(todo), daily_cap, used_now))
 
 
-def plan_text(summary: dict) -> str:
-    lines = [f"{summary['selected']} sounds selected, {summary['present']} already present, "
-             f"{summary['new']} new ({format_size(summary['new_bytes'])})"]
-    if summary["by_license"]:
-        lines += ["", "| licence | sounds | size |", "|---|---:|---:|"]
-        lines += [f"| {name} | {row['sounds']} | {format_size(row['bytes'])} |"
-                  for name, row in summary["by_license"].items()]
-        lines.append("")
-    runs = summary["runs"]
-    lines.append(f"at --daily-cap {summary['daily_cap']} ({summary['downloads_used']} used in the last "
-                 f"24 hours) that takes {runs} run{'s' if runs != 1 else ''}, one a day")
-    if summary["not_found"]:
-        lines.append("not found on Freesound: " + ", ".join(map(str, summary["not_found"])))
-    return "\n".join(lines)
+@dataclasses.dataclass(frozen=True)
+class Status:
+    """What --status reports, without sending a request."""
+
+    client_id: str
+    window: Window
+    token_expires_at: str | None
+    token_expired: bool
+    output_dir: str
+    sounds_present: int
+    sounds_in_metadata: int
+
+    def text(self) -> str:
+        window = self.window
+        if self.token_expires_at is None:
+            login = f"not logged in: run {PROG} --login"
+        else:
+            when = _iso_to_text(self.token_expires_at)
+            login = (f"access token expired {when}; it is refreshed at the next run" if self.token_expired
+                     else f"access token valid until {when} (refreshed automatically)")
+        slot = window.next_download_slot
+        slot = slot if slot == "now" else _iso_to_text(slot)
+        return "\n".join([
+            f"credential {self.client_id}:",
+            f"  downloads: {window.downloads_used} of {window.daily_cap} used in the rolling 24 hours, "
+            f"{window.downloads_left} left; next download slot: {slot}",
+            f"  all requests: {window.requests_used} of {window.api_daily_cap} in 24 hours, "
+            f"{window.requests_last_minute} in the last minute",
+            f"  login: {login}",
+            f"output folder {self.output_dir}: {self.sounds_present} sounds present "
+            f"({self.sounds_in_metadata} in metadata.json)"])
 
 
-def status_text(state: dict) -> str:
-    window = state["window"]
-    if state["token_expires_at"] is None:
-        login = f"not logged in: run {PROG} --login"
-    else:
-        when = state["token_expires_at"].replace("T", " ").split(".")[0] + " UTC"
-        login = (f"access token expired {when}; it is refreshed at the next run" if state["token_expired"]
-                 else f"access token valid until {when} (refreshed automatically)")
-    slot = window["next_download_slot"]
-    slot = slot if slot == "now" else slot.replace("T", " ").split(".")[0] + " UTC"
-    return "\n".join([
-        f"credential {state['client_id']}:",
-        f"  downloads: {window['downloads_used']} of {window['daily_cap']} used in the rolling 24 hours, "
-        f"{window['downloads_left']} left; next download slot: {slot}",
-        f"  all requests: {window['requests_used']} of {window['api_daily_cap']} in 24 hours, "
-        f"{window['requests_last_minute']} in the last minute",
-        f"  login: {login}",
-        f"output folder {state['output_dir']}: {state['sounds_present']} sounds present "
-        f"({state['sounds_in_metadata']} in metadata.json)"])
+def _iso_to_text(iso: str) -> str:
+    return iso.replace("T", " ").split(".")[0].rstrip("Z") + " UTC"
+
+
+@dataclasses.dataclass
+class RunReport:
+    """What a download run did; main() turns it into the exit code."""
+
+    skipped: int = 0
+    downloaded: int = 0
+    failed: dict[int, str] = dataclasses.field(default_factory=dict)
+    missing: list[int] = dataclasses.field(default_factory=list)
+    remaining: int = 0
+    window: Window | None = None
+    stopped: DailyLimitReached | None = None
+
+    @property
+    def exit_code(self) -> ExitCode:
+        if self.stopped is not None:
+            return ExitCode.DAILY_LIMIT
+        return ExitCode.SOME_FAILED if self.failed or self.missing else ExitCode.SUCCESS
+
+    def text(self) -> str:
+        lines = [f"downloaded {self.downloaded}, skipped {self.skipped} (already present), "
+                 f"failed {len(self.failed) + len(self.missing)}, remaining {self.remaining}"]
+        if self.window is not None:
+            lines.append(f"downloads left in the rolling 24-hour window: {self.window.downloads_left}")
+        lines += [f"  failed {sound_id}: {reason}" for sound_id, reason in sorted(self.failed.items())]
+        if self.missing:
+            lines.append("  not found on Freesound: " + ", ".join(map(str, self.missing)))
+        if self.stopped is not None:
+            lines.append(f"stopped: {self.stopped}; run again then to fetch the remaining "
+                         f"{self.remaining} sound{'s' if self.remaining != 1 else ''}")
+        return "\n".join(lines)
+
+    def as_json(self) -> dict:
+        return {"downloaded": self.downloaded, "skipped": self.skipped, "remaining": self.remaining,
+                "failed": [{"id": sound_id, "reason": reason} for sound_id, reason in sorted(self.failed.items())],
+                "not_found": self.missing, "window": as_json(self.window),
+                "stopped": str(self.stopped) if self.stopped else None, "exit_code": int(self.exit_code)}
+
+
+def as_json(report: object) -> object:
+    """A report as --json prints it: its own as_json() if it has one, else its fields."""
+    if report is None or not dataclasses.is_dataclass(report) or isinstance(report, type):
+        return report
+    if hasattr(report, "as_json"):
+        return report.as_json()
+    return dataclasses.asdict(report)
 
 
 def format_utc(moment: dt.datetime | float) -> str:
@@ -790,7 +1034,7 @@ class FileLock:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._handle = None
+        self._handle: TextIO | None = None
         self._threads = threading.Lock()  # flock excludes other processes; this, our threads
 
     def acquire(self, wait: bool) -> bool:
@@ -841,7 +1085,7 @@ def _lock_fd(fd: int, wait: bool) -> bool:
         while True:
             try:
                 os.lseek(fd, 0, os.SEEK_SET)
-                msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+                msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)  # type: ignore[attr-defined]
                 return True
             except OSError:
                 if not wait:
@@ -866,7 +1110,8 @@ class Ledger:
         self.path, self.client_id, self.warn = path, client_id, warn
         self.lock = FileLock(path.with_name(path.stem + ".lock"))
         self.rows: list[tuple[float, str]] = []
-        self._offset, self._inode, self._line = 0, None, 0
+        self._offset, self._line = 0, 0
+        self._inode: int | None = None
         with self.locked():
             self._terminate_torn_line()
             self.sync()
@@ -925,7 +1170,7 @@ class Ledger:
 
     def append(self, kind: str, at: float, sound_id: int | None = None) -> None:
         """Add one row; call with the lock held and after sync()."""
-        row = {"at": iso_utc(at), "client_id": self.client_id, "kind": kind}
+        row: dict[str, str | int] = {"at": iso_utc(at), "client_id": self.client_id, "kind": kind}
         if sound_id is not None:
             row["sound_id"] = sound_id
         with self.path.open("ab") as handle:
@@ -999,7 +1244,19 @@ class Auth:
             assert self.token is not None
             return self.token["access_token"]
 
+    def replaced(self, sent_token: str) -> bool:
+        """Whether another worker, or another run sharing the state folder, has already
+        replaced `sent_token` (refreshing revokes the old token at once); if so, the
+        replacement is what access_token() hands out from now on."""
+        with self._lock:
+            current = self.store.load(self.ui.warn) or self.token
+            if current is None or current["access_token"] == sent_token or self._expired(current):
+                return False
+            self.token = current
+            return True
+
     def login(self) -> None:
+        self.config.check_credentials()
         redirect_uri = None
         if self.config.auth_code:
             code = self.config.auth_code
@@ -1008,8 +1265,7 @@ class Auth:
             code, verifier, redirect_uri = self._loopback_login()
         else:
             code, verifier = self._prompt_for_code()
-        self.token = self._token_request(grant_type="authorization_code", code=code,
-                                         code_verifier=verifier, redirect_uri=redirect_uri)
+        self.token = self._token_request("authorization_code", redirect_uri, code=code, code_verifier=verifier)
         self.pending_path.unlink(missing_ok=True)
 
     def _loopback_login(self) -> tuple[str, str, str]:
@@ -1048,8 +1304,7 @@ class Auth:
                     return
                 try:
                     if current.get("refresh_token"):
-                        self.token = self._token_request(grant_type="refresh_token",
-                                                         refresh_token=current["refresh_token"])
+                        self.token = self._token_request("refresh_token", refresh_token=current["refresh_token"])
                         return
                 except LoginExpired as exc:
                     self.ui.warn(f"{exc}; a new login is needed")
@@ -1057,7 +1312,9 @@ class Auth:
             self.login()
 
     def _expired(self, token: dict) -> bool:
-        return token.get("expires_at", 0) - TOKEN_EXPIRY_MARGIN_S < self.clock()
+        """Expired, or about to: refreshed a little early, by at most a quarter of its life."""
+        margin = min(TOKEN_EXPIRY_MARGIN_S, float(token.get("expires_in") or DAY_S) / 4)
+        return token.get("expires_at", 0) - margin < self.clock()
 
     def _prompt_for_code(self) -> tuple[str, str]:
         state = secrets.token_urlsafe(16)
@@ -1082,29 +1339,28 @@ class Auth:
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
-    def _token_request(self, redirect_uri: str | None = None, **params: str | None) -> dict:
+    def _token_request(self, grant_type: str, redirect_uri: str | None = None, **params: str | None) -> dict:
+        """POST to the token endpoint and save what it answers (token.json, at once)."""
         from oauthlib.oauth2 import OAuth2Error
         from requests_oauthlib import OAuth2Session
 
-        if urlsplit(self.token_url).scheme == "http":  # loopback only, checked by config_from_args
+        if urlsplit(self.token_url).scheme == "http":  # loopback only, checked by check_api_base
             os.environ["OAUTHLIB_INSECURE_TRANSPORT"] = "1"
         session = OAuth2Session(client_id=self.config.client_id, redirect_uri=redirect_uri or None)
         session.headers["User-Agent"] = USER_AGENT
-        extra = {key: value for key, value in params.items() if value and key != "grant_type"}
-        timeout = (min(CONNECT_TIMEOUT_S, self.config.timeout), self.config.timeout)
+        extra: dict[str, Any] = {key: value for key, value in params.items() if value}
+        extra["timeout"] = (min(CONNECT_TIMEOUT_S, self.config.timeout), self.config.timeout)
         try:
-            if params["grant_type"] == "refresh_token":
-                response = session.refresh_token(
-                    self.token_url, client_id=self.config.client_id,
-                    client_secret=self.config.client_secret, timeout=timeout, **extra)
+            if grant_type == "refresh_token":
+                response = session.refresh_token(self.token_url, client_id=self.config.client_id,
+                                                 client_secret=self.config.client_secret, **extra)
             else:
-                response = session.fetch_token(
-                    self.token_url, client_secret=self.config.client_secret,
-                    include_client_id=True, timeout=timeout, **extra)
+                response = session.fetch_token(self.token_url, client_secret=self.config.client_secret,
+                                               include_client_id=True, **extra)
         except OAuth2Error as exc:
-            if exc.error == "invalid_grant" and params["grant_type"] == "refresh_token":
+            if exc.error == "invalid_grant" and grant_type == "refresh_token":
                 raise LoginExpired("the saved login has expired or was revoked") from None
-            raise AuthError(_oauth_error_message(exc.error, params["grant_type"] or "")) from None
+            raise AuthError(_oauth_error_message(str(exc.error), grant_type)) from None
         except OSError as exc:  # requests' errors are OSErrors
             raise AuthError(f"could not reach the Freesound token endpoint: {type(exc).__name__}") from None
         return self.store.save(dict(response), self.clock())
@@ -1167,48 +1423,75 @@ def _oauth_error_message(error: str, grant_type: str) -> str:
 
 
 ###############################################################################
-# The HTTP choke point ########################################################
+# HTTP: the limits and the one choke point ####################################
 ###############################################################################
 
 
 class Limits:
     """Keeps this credential inside --rate/--daily-cap and --api-rate/--api-daily-cap.
 
-    Every request is judged from the ledger, so the limits hold across runs.
+    Every request is judged from the ledger, so the limits hold across runs. Every wait
+    ends early when the run decides to stop (`stop` is set: a daily limit, a fatal error,
+    Ctrl-C), and then no request starts: acquire() and pause() raise Stopped instead.
     """
 
-    def __init__(self, config: Config, ledger: Ledger, ui: Ui,
-                 clock: Callable[[], float] = time.time, sleep: Callable[[float], None] = time.sleep):
-        self.config, self.ledger, self.ui, self.clock, self.sleep = config, ledger, ui, clock, sleep
+    def __init__(self, config: Config, ledger: Ledger, ui: Ui, stop: threading.Event,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.config, self.ledger, self.ui, self.stop, self.clock = config, ledger, ui, stop, clock
         self._last_preview: float | None = None
         self._preview_lock = threading.Lock()
 
-    def pace_preview(self) -> None:
-        """Previews do not count against the API's limits, but are paced at --rate all the same."""
-        with self._preview_lock:
-            now = self.clock()
-            wait = pacing_delay(self._last_preview, self.config.download_interval_s, now)
-            self._last_preview = now + wait
-        self.sleep(wait)
-
-    def window_state(self) -> dict:
-        """The rolling windows as they stand: what --status, --json and summaries report."""
+    def window(self) -> Window:
         with self.ledger.locked():
             self.ledger.sync()
-        now, cap = self.clock(), self.config.daily_cap
-        downloads = self.ledger.times("download")
-        used = len(times_in_window(downloads, now, DAY_S))
-        frees = window_frees_at(downloads, cap, now, DAY_S)
-        return {"downloads_used": used, "downloads_left": max(0, cap - used), "daily_cap": cap,
-                "requests_used": len(times_in_window(self.ledger.times(), now, DAY_S)),
-                "api_daily_cap": self.config.api_daily_cap,
-                "requests_last_minute": len(times_in_window(self.ledger.times(), now, MINUTE_S)),
-                "next_download_slot": iso_utc(frees) if frees > now else "now"}
+        return window_of(self.ledger.times("download"), self.ledger.times(), self.clock(),
+                         self.config.daily_cap, self.config.api_daily_cap)
 
-    def check_daily(self, kind: str) -> None:
+    def acquire(self, kind: str, sound_id: int | None) -> None:
+        """Wait for a slot, then record the request in the ledger (retries count too)."""
+        while True:
+            self.check_stop()
+            wait = self._take_slot(kind, sound_id)
+            if wait <= 0:
+                return
+            if wait >= 5:
+                self.ui.info(f"waiting {wait:.0f} s for the rate limit (until {format_utc(self.clock() + wait)})")
+            self.pause(wait)
+
+    def pause(self, seconds: float) -> None:
+        """Sleep, unless and until the run decides to stop."""
+        if self.stop.wait(seconds):
+            raise Stopped()
+
+    def check_stop(self) -> None:
+        if self.stop.is_set():
+            raise Stopped()
+
+    def _take_slot(self, kind: str, sound_id: int | None) -> float:
+        """Record the request and return 0 if it may start now, else how long to wait.
+
+        Decided under the ledger lock, so runs sharing the state folder share the limits.
+        Previews do not count against the API's limits, but are paced at --rate all the same."""
+        if kind == "preview":
+            with self._preview_lock:
+                now = self.clock()
+                wait = pacing_delay(self._last_preview, self.config.download_interval_s, now)
+                if wait <= 0:
+                    self._last_preview = now
+                return wait
+        with self.ledger.locked():
+            self.ledger.sync()
+            self._check_daily(kind)
+            now = self.clock()
+            wait = self._wait_needed(kind, now)
+            if wait <= 0:
+                self.ledger.append(kind, now, sound_id)
+            return wait
+
+    def _check_daily(self, kind: str) -> None:
         """Raise DailyLimitReached if this request would break a rolling 24-hour cap."""
         now, config = self.clock(), self.config
-        caps = [("the API daily cap", None, config.api_daily_cap)]
+        caps: list[tuple[str, str | None, int]] = [("the API daily cap", None, config.api_daily_cap)]
         if kind == "download":
             caps.insert(0, ("the daily download cap", "download", config.daily_cap))
         for label, row_kind, cap in caps:
@@ -1217,23 +1500,6 @@ class Limits:
                 frees = window_frees_at(times, cap, now, DAY_S)
                 raise DailyLimitReached(f"{label} ({cap} requests per 24 hours)",
                                         dt.datetime.fromtimestamp(frees, dt.timezone.utc))
-
-    def acquire(self, kind: str, sound_id: int | None) -> None:
-        """Wait for a slot, then record the request in the ledger (retries count too).
-
-        Decided under the ledger lock, so runs sharing the state folder share the limits."""
-        while True:
-            with self.ledger.locked():
-                self.ledger.sync()
-                self.check_daily(kind)
-                now = self.clock()
-                wait = self._wait_needed(kind, now)
-                if wait <= 0:
-                    self.ledger.append(kind, now, sound_id)
-                    return
-            if wait >= 5:
-                self.ui.info(f"waiting {wait:.0f} s for the rate limit (until {format_utc(now + wait)})")
-            self.sleep(wait)
 
     def _wait_needed(self, kind: str, now: float) -> float:
         per_minute = max(1, int(self.config.api_rate))
@@ -1244,42 +1510,34 @@ class Limits:
                                           self.config.download_interval_s, now))
         return wait
 
+    def minute_frees_in(self, server_limit: int | None) -> float:
+        """Seconds until our own ledger's minute window is under the server's limit."""
+        now = self.clock()
+        limit = server_limit or max(1, int(self.config.api_rate))
+        return window_frees_at(self.ledger.times(), limit, now, MINUTE_S) - now
+
     def day_frees_estimate(self) -> dt.datetime:
         """After a server 429 (N/day): our oldest request in the window leaving is the best guess."""
         now = self.clock()
         inside = times_in_window(self.ledger.times(), now, DAY_S)
         return dt.datetime.fromtimestamp((inside[0] if inside else now) + DAY_S, dt.timezone.utc)
 
-    def wait_after_throttle(self, retry_after: float | None, server_limit: int | None,
-                            attempt: int) -> None:
-        """After a per-minute 429: Retry-After if given (the real server sends none), else
-        until our own ledger's minute window is under the server's limit, and never less
-        than the backoff, since other users of the credential count there too."""
-        now = self.clock()
-        if retry_after is None:
-            limit = server_limit or max(1, int(self.config.api_rate))
-            frees = window_frees_at(self.ledger.times(), limit, now, MINUTE_S) - now
-            retry_after = max(frees, backoff_delay(attempt, self.config.backoff, random.random()))
-        wait = min(retry_after, MINUTE_S)
-        self.ui.info(f"Freesound says slow down (429); waiting {wait:.0f} s")
-        self.sleep(wait)
-
 
 class ApiSession:
     """The one place where HTTP becomes our errors.
 
     Every request, the freesound client's included (it is handed this object as its
-    session), passes through send(): it is kept to the API's origin, authenticated (API
-    key for metadata, OAuth2 bearer for downloads), paced and recorded, given a timeout,
-    retried on 5xx, network errors and per-minute 429s, and any other failure is raised
-    as our error. One requests.Session underneath keeps connections alive between calls.
+    session), passes through send(): it is kept to the API's origin, paced and recorded,
+    authenticated right before it goes out (API key for metadata, OAuth2 bearer for
+    downloads and /me/), given a timeout, and its answer is judged by decide(). A body
+    read through iter_body() turns a dropped connection into NetworkError as well. One
+    requests.Session underneath keeps connections alive between calls.
     """
 
-    def __init__(self, config: Config, limits: Limits, auth: Auth, ui: Ui,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+    def __init__(self, config: Config, limits: Limits, auth: Auth, ui: Ui) -> None:
         import requests
 
-        self.config, self.limits, self.oauth, self.ui, self.sleep = config, limits, auth, ui, sleep
+        self.config, self.limits, self.oauth, self.ui = config, limits, auth, ui
         self.http = requests.Session()
         self.http.headers["User-Agent"] = USER_AGENT
         self.http.headers["Accept"] = "application/json, */*"
@@ -1302,58 +1560,58 @@ class ApiSession:
     def send(self, request: requests.PreparedRequest, preview: bool = False, **kwargs) -> requests.Response:
         """Send through every rule above. A `preview` is public: it goes without credentials,
         to whatever https host serves previews, and is paced but not counted by the API."""
-        import requests
-
         url = request.url or ""
         self._check_destination(url, preview)
         kind, sound_id = ("preview", None) if preview else classify_request(url, self.config.api_base)
-        kwargs["allow_redirects"] = False
-        timeout = self.config.timeout
-        kwargs["timeout"] = kwargs.get("timeout") or (min(CONNECT_TIMEOUT_S, timeout), timeout)
-        refreshed, attempt = False, 0
-        while True:
-            attempt += 1
-            if preview:
-                credential = ""
-                self.limits.pace_preview()
-            else:
-                credential = self._authenticate(request, url)
-                self.limits.acquire(kind, sound_id)
-            try:
-                response = self.http.send(request, **kwargs)
-            except (requests.ConnectionError, requests.Timeout) as exc:
-                reason = f"network error: {type(exc).__name__}"
-                if attempt > self.config.retries:
-                    raise NetworkError(url, f"{reason} (gave up after {attempt} tries)") from None
-                self._back_off(attempt, url, reason)
-                continue
-            status = response.status_code
-            not_json = kind == "api" and "json" not in response.headers.get("Content-Type", "")
-            if (status < 300 and not not_json) or (kind in ("download", "preview") and status == 416):
+        kwargs.update(allow_redirects=False, timeout=(min(CONNECT_TIMEOUT_S, self.config.timeout),
+                                                       self.config.timeout))
+        refreshed = False
+        for number in itertools.count(1):
+            self.limits.acquire(kind, sound_id)
+            token = None if preview else self._authenticate(request, url)  # after the wait, never before
+            self.limits.check_stop()
+            response, answer = self._exchange(request, kind, kwargs)
+            attempt = Attempt(url, kind, number, bearer=token is not None, refreshed=refreshed,
+                              token_replaced=answer.token_rejected and token is not None
+                              and self.oauth.replaced(token))
+            decision = decide(answer, attempt, self.config.retries,
+                              backoff_delay(number, self.config.backoff, random.random()),
+                              self.limits.minute_frees_in(throttle_limit(answer.detail)) if answer.status == 429
+                              else 0.0)
+            if decision.step is Step.RETURN and response is not None:
                 return response
-            detail = response_detail(response)
-            response.close()
-            if status < 300:  # a proxy's page where the API's JSON should be
-                raise ApiError(status, url, detail)
-            if response.is_redirect:  # the API never redirects; following could leak the token
-                location = redact_url(response.headers.get("Location", ""))
-                raise ApiError(status, url, f"unexpected redirect to {location}; not followed")
-            if status == 401 and credential.startswith("Bearer") and not refreshed and _token_expired(response):
+            if response is not None:
+                response.close()
+            if decision.step is Step.REFRESH and token is not None:
                 refreshed = True
-                self.oauth.refresh(credential.split(" ", 1)[1])
-                continue
-            if status == 429 and throttle_kind(detail) == "day":
-                raise DailyLimitReached(f"Freesound's own daily limit ({detail})",
-                                        self.limits.day_frees_estimate())
-            if status == 429 and throttle_kind(detail) == "minute":
-                self._check_attempts(attempt, status, url, detail)
-                retry_after = parse_retry_after(response.headers.get("Retry-After"), self.limits.clock())
-                self.limits.wait_after_throttle(retry_after, throttle_limit(detail), attempt)
-                continue
-            if status in RETRY_STATUSES:
-                self._retry_or_raise(attempt, url, f"HTTP {status}: {detail}", status)
-                continue
-            raise api_error(status, url, detail, oauth=credential.startswith("Bearer"))
+                self.oauth.refresh(token)
+            elif decision.step is Step.RETRY:
+                self.ui.info(decision.note)
+                self.limits.pause(decision.delay_s)
+            elif decision.step is Step.DAY_LIMIT:
+                raise DailyLimitReached(decision.note, self.limits.day_frees_estimate())
+            elif decision.error is not None:
+                raise decision.error
+        raise AssertionError("unreachable: the loop returns or raises")
+
+    def iter_body(self, response: requests.Response, chunk_size: int) -> Iterator[bytes]:
+        """The response body in chunks; a connection lost mid-body is a NetworkError."""
+        import requests
+
+        try:
+            yield from response.iter_content(chunk_size)
+        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
+            raise NetworkError(response.url, f"connection lost mid-download ({type(exc).__name__})") from None
+
+    def _exchange(self, request: requests.PreparedRequest, kind: str,
+                  kwargs: dict) -> tuple[requests.Response | None, Answer]:
+        import requests
+
+        try:
+            response = self.http.send(request, **kwargs)
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            return None, Answer(0, f"network error: {type(exc).__name__}")
+        return response, answer_of(response, kind, self.limits.clock())
 
     def _check_destination(self, url: str, preview: bool) -> None:
         """Credentials go to the API's own origin only; previews go to https hosts only."""
@@ -1363,30 +1621,28 @@ class ApiSession:
         if preview and scheme != "https" and not (scheme == "http" and is_loopback_host(host)):
             raise ApiError(0, url, "refusing a preview URL that is not https")
 
-    def _authenticate(self, request: requests.PreparedRequest, url: str) -> str:
-        """Set and return the Authorization header: OAuth2 where the API demands it, else the key."""
+    def _authenticate(self, request: requests.PreparedRequest, url: str) -> str | None:
+        """Set the Authorization header: OAuth2 where the API demands it (returning the token
+        sent), else the API key."""
+        self.config.check_credentials()
         if needs_oauth(url, self.config.api_base):
-            request.headers["Authorization"] = f"Bearer {self.oauth.access_token()}"
-        else:
-            request.headers["Authorization"] = f"Token {self.config.client_secret or ''}"
-        return request.headers["Authorization"]
-
-    def _check_attempts(self, attempt: int, status: int, url: str, detail: str) -> None:
-        if attempt > self.config.retries:
-            raise ApiError(status, url, f"{detail} (gave up after {attempt} tries)")
-
-    def _retry_or_raise(self, attempt: int, url: str, reason: str, status: int = 0) -> None:
-        self._check_attempts(attempt, status, url, reason)
-        self._back_off(attempt, url, reason)
-
-    def _back_off(self, attempt: int, url: str, reason: str) -> None:
-        delay = backoff_delay(attempt, self.config.backoff, random.random())
-        self.ui.info(f"{reason} for {redact_url(url)}; retrying in {delay:.1f} s")
-        self.sleep(delay)
+            token = self.oauth.access_token()
+            request.headers["Authorization"] = f"Bearer {token}"
+            return token
+        request.headers["Authorization"] = f"Token {self.config.client_secret}"
+        return None
 
 
-def _token_expired(response: requests.Response) -> bool:
-    return 'error="invalid_token"' in response.headers.get("WWW-Authenticate", "")
+def answer_of(response: requests.Response, kind: str, now: float) -> Answer:
+    """What decide() needs to know of a response; the body is read only for an error."""
+    status, headers = response.status_code, response.headers
+    is_json = "json" in headers.get("Content-Type", "")
+    if status < 300 and (is_json or kind != "api"):
+        return Answer(status, is_json=is_json)
+    return Answer(status, response_detail(response), is_json=is_json,
+                  location=headers.get("Location", "") if response.is_redirect else None,
+                  token_rejected='error="invalid_token"' in headers.get("WWW-Authenticate", ""),
+                  retry_after_s=parse_retry_after(headers.get("Retry-After"), now))
 
 
 def response_detail(response: requests.Response) -> str:
@@ -1399,20 +1655,6 @@ def response_detail(response: requests.Response) -> str:
         pass
     content_type = response.headers.get("Content-Type", "unknown type").split(";")[0]
     return f"unexpected {content_type} response (not Freesound's JSON; a proxy error?)"
-
-
-def api_error(status: int, url: str, detail: str, oauth: bool) -> FreesoundDownloadError:
-    """The error a final, non-retryable HTTP status means to the user."""
-    if status == 429:  # the per-day and per-minute kinds are handled in send()
-        return AuthError(f"Freesound: {detail}")
-    if status == 401:
-        what = "OAuth2 login" if oauth else f"API key ({ENV_CLIENT_SECRET})"
-        return AuthError(f"Freesound rejected the {what}: {detail}")
-    if status == 403 and "secure connection" in detail:
-        return UsageError(f"Freesound requires https: set {ENV_API_URL} to an https:// URL ({detail})")
-    if status == 400:
-        return UsageError(f"Freesound rejected the request: {detail}")
-    return ApiError(status, url, detail)
 
 
 ###############################################################################
@@ -1430,11 +1672,12 @@ class Api:
         freesound.URIS.BASE = config.api_base
         self.config = config
         self.fields = SEARCH_FIELDS + (",previews" if config.previews else "")
+        self.session = session
         self.client = freesound.FreesoundClient()
         self.client.session = session
 
     @staticmethod
-    def _call(request: Callable[[], object], url: str) -> object:
+    def _call(request: Callable[[], Any], url: str) -> Any:
         """Run a freesound-client call; its only own error left is an unparsable 200 body."""
         import freesound
 
@@ -1461,10 +1704,8 @@ class Api:
         params = {"page_size": PAGE_SIZE, "fields": self.fields}
         try:
             first = self._call(lambda: freesound.FSRequest.request(url, params, self.client, freesound.Pager), url)
-        except ApiError as exc:
-            if exc.status == 404:
-                raise UsageError(f"{what} not found on Freesound") from None
-            raise
+        except NotFound:
+            raise UsageError(f"{what} not found on Freesound") from None
         yield from self._pages(first)
 
     def bookmark_categories(self) -> list[dict]:
@@ -1483,10 +1724,8 @@ class Api:
                 return
             try:
                 pager = self._call(pager.next_page, pager.next)
-            except ApiError as exc:
-                if exc.status == 404:  # a page past the last one: the end
-                    return
-                raise
+            except NotFound:  # a page past the last one: the end
+                return
 
     def sounds_by_id(self, sound_ids: Sequence[int]) -> tuple[list[dict], list[int]]:
         """Metadata in batches of 150 (one search each); returns (sounds, ids that do not exist)."""
@@ -1499,10 +1738,8 @@ class Api:
             try:
                 url = f"{self.config.api_base}/sounds/{sound_id}/"
                 found[sound_id] = self._call(
-                    lambda: self.client.get_sound(sound_id, fields=self.fields), url).as_dict()
-            except ApiError as exc:
-                if exc.status != 404:
-                    raise
+                    functools.partial(self.client.get_sound, sound_id, fields=self.fields), url).as_dict()
+            except NotFound:
                 missing.append(sound_id)
         return [found[i] for i in sound_ids if i in found], missing
 
@@ -1515,13 +1752,11 @@ class Api:
         if not url:
             raise DownloadError(sound_id, f"Freesound lists no {preview} preview for it")
         try:
-            return self.client.session.get(url, headers=headers, stream=True, preview=bool(preview))
-        except ApiError as exc:
-            if exc.status == 404:
-                raise DownloadError(sound_id, f"not available for download ({exc.detail})") from None
-            if isinstance(exc, NetworkError) or exc.status in RETRY_STATUSES or exc.status == 429:
-                raise DownloadError(sound_id, f"HTTP {exc.status or 'error'}: {exc.detail}") from None
-            raise  # auth, https, redirects: no other sound would fare better
+            return self.session.get(url, headers=headers, stream=True, preview=bool(preview))
+        except NotFound as exc:
+            raise DownloadError(sound_id, f"not available for download ({exc.detail})") from None
+        except Unavailable as exc:  # another sound may fare better; auth, https, redirects would not
+            raise DownloadError(sound_id, f"HTTP {exc.status or 'error'}: {exc.detail}") from None
 
 
 _CONTENT_RANGE_RE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
@@ -1542,8 +1777,13 @@ def resumed_offset(status: int, content_range: str | None, offset: int, size: in
     return offset
 
 
+def new_md5() -> hashlib._Hash:
+    """md5 for checking files, not for security: FIPS builds refuse it otherwise."""
+    return hashlib.md5(usedforsecurity=False)
+
+
 def hash_file(path: Path) -> hashlib._Hash:
-    digest = hashlib.md5()
+    digest = new_md5()
     with path.open("rb") as handle:
         for chunk in iter(lambda: handle.read(CHUNK_SIZE_BYTES), b""):
             digest.update(chunk)
@@ -1565,7 +1805,7 @@ def download_to(api: Api, sound: dict, dest: Path, ui: Ui | _SlotUi,
         if response.status_code == 416:  # nothing left to send: the .part may be whole
             if not offset:
                 raise DownloadError(sound_id, "the server refused the download (416)")
-            digest = hash_file(part)
+            md5_hex = hash_file(part).hexdigest()
         else:
             if response.headers.get("Content-Type", "").startswith("text/html"):
                 raise DownloadError(sound_id, "got an HTML page instead of the audio file")
@@ -1576,11 +1816,13 @@ def download_to(api: Api, sound: dict, dest: Path, ui: Ui | _SlotUi,
                 part.unlink(missing_ok=True)  # start over rather than trust what we have
                 raise CorruptDownload(sound_id, str(exc)) from None
             # Hash while streaming; only a resumed file's existing bytes are read back.
-            with BackgroundMd5(hash_file(part) if offset else hashlib.md5()) as digest:
-                _write_body(response, part, offset, digest, size, ui, dest.name, stop)
+            with BackgroundMd5(hash_file(part) if offset else new_md5()) as hasher:
+                _write_body(api.session.iter_body(response, CHUNK_SIZE_BYTES), part, offset, hasher,
+                            size, ui, dest.name, stop)
+            md5_hex = hasher.hexdigest()
     if not preview:
-        _verify(sound, part, digest.hexdigest())
-    return part, digest.hexdigest()
+        _verify(sound, part, md5_hex)
+    return part, md5_hex
 
 
 class BackgroundMd5:
@@ -1623,10 +1865,10 @@ class BackgroundMd5:
         self._finish()  # never leave the thread waiting, whatever went wrong
 
 
-def _write_body(response: requests.Response, part: Path, offset: int, digest: BackgroundMd5,
+def _write_body(chunks: Iterable[bytes], part: Path, offset: int, digest: BackgroundMd5,
                 size: int, ui: Ui | _SlotUi, label: str, stop: threading.Event | None = None) -> None:
     with part.open("ab" if offset else "wb") as handle, ui.file_progress(label, size, offset) as bar:
-        for chunk in response.iter_content(CHUNK_SIZE_BYTES):
+        for chunk in chunks:
             if stop is not None and stop.is_set():
                 raise Stopped()
             try:
@@ -1682,7 +1924,7 @@ class Ui:
     def __init__(self, stream=sys.stderr, quiet: bool = False, bars: bool | None = None) -> None:
         self.stream, self.quiet = stream, quiet
         self.bars = (stream.isatty() if bars is None else bars) and not quiet
-        self.overall = None
+        self.overall: Any = None  # the tqdm bar of the whole run
 
     def _write(self, text: str) -> None:
         if self.overall is not None:
@@ -1735,7 +1977,7 @@ class _SlotUi:
 class _FileProgress:
     def __init__(self, ui: Ui, label: str, size: int, initial: int, line: int) -> None:
         self.ui, self.label, self.size, self.initial, self.line = ui, label, size, initial, line
-        self.bar = None
+        self.bar: Any = None
 
     def __enter__(self) -> Callable[[int], None]:
         if self.ui.bars:
@@ -1754,43 +1996,6 @@ class _FileProgress:
 ###############################################################################
 # Orchestration ###############################################################
 ###############################################################################
-
-
-@dataclasses.dataclass
-class RunReport:
-    selected: int = 0
-    skipped: int = 0
-    downloaded: int = 0
-    failed: dict[int, str] = dataclasses.field(default_factory=dict)
-    missing: list[int] = dataclasses.field(default_factory=list)
-    remaining: int = 0
-    window: dict | None = None
-    stopped: DailyLimitReached | None = None
-
-    @property
-    def exit_code(self) -> ExitCode:
-        if self.stopped is not None:
-            return ExitCode.DAILY_LIMIT
-        return ExitCode.SOME_FAILED if self.failed or self.missing else ExitCode.SUCCESS
-
-    def summary(self) -> str:
-        lines = [f"downloaded {self.downloaded}, skipped {self.skipped} (already present), "
-                 f"failed {len(self.failed) + len(self.missing)}, remaining {self.remaining}"]
-        if self.window is not None:
-            lines.append(f"downloads left in the rolling 24-hour window: {self.window['downloads_left']}")
-        lines += [f"  failed {sound_id}: {reason}" for sound_id, reason in sorted(self.failed.items())]
-        if self.missing:
-            lines.append("  not found on Freesound: " + ", ".join(map(str, self.missing)))
-        if self.stopped is not None:
-            lines.append(f"stopped: {self.stopped}; run again then to fetch the remaining "
-                         f"{self.remaining} sound{'s' if self.remaining != 1 else ''}")
-        return "\n".join(lines)
-
-    def as_json(self) -> dict:
-        return {"downloaded": self.downloaded, "skipped": self.skipped, "remaining": self.remaining,
-                "failed": [{"id": sound_id, "reason": reason} for sound_id, reason in sorted(self.failed.items())],
-                "not_found": self.missing, "window": self.window,
-                "stopped": str(self.stopped) if self.stopped else None, "exit_code": int(self.exit_code)}
 
 
 class Library:
@@ -1903,174 +2108,163 @@ class Library:
             write_bytes_atomic(self.failed_path, new.encode("utf-8"))
 
 
-class Runner:
-    """One run: resolve the selection, skip what is done, download the rest."""
+@dataclasses.dataclass(frozen=True)
+class Connection:
+    """What every request needs: the ledger-backed limits, the login and the API client.
 
-    def __init__(self, config: Config, ui: Ui, read_line: Callable[[], str]) -> None:
-        self.config, self.ui, self.read_line = config, ui, read_line
-        self.report = RunReport()
-        self._api: Api | None = None
-        self._limits: Limits | None = None
-        self._auth: Auth | None = None
-        self._stop = threading.Event()   # no new downloads: a daily limit, a fatal error, Ctrl-C
-        self._abort = threading.Event()  # Ctrl-C: downloads in flight stop too, keeping their .part
-        self._report_lock = threading.Lock()
-        self._fatal: BaseException | None = None
-        self.plan: dict | None = None  # filled by a --dry-run
+    connect() builds it without sending anything; credentials are checked when a request
+    first needs them. `stop` is the run's one stop decision, which every wait respects."""
 
-    # -- lazily built, so a run with nothing to fetch needs no credentials --
-    def api(self) -> Api:
-        if self._api is None:
-            config = self.config
-            if not config.client_id or not config.client_secret:
-                raise AuthError(
-                    f"missing API credentials: set {ENV_CLIENT_ID} and {ENV_CLIENT_SECRET} "
-                    f"(client id and client secret/API key from {CREDENTIALS_PAGE})")
-            ensure_private_dir(config.state_dir)
-            ledger = Ledger(config.state_dir / "ledger.jsonl", config.client_id, self.ui.warn)
-            self._limits = Limits(config, ledger, self.ui)
-            self._auth = Auth(config, TokenStore(config.state_dir / "token.json", config.client_id),
-                              self.ui, self.read_line)
-            self._api = Api(config, ApiSession(config, self._limits, self._auth, self.ui))
-        return self._api
+    limits: Limits
+    auth: Auth
+    api: Api
+    stop: threading.Event
 
-    def login_only(self) -> None:
-        self.api()
-        assert self._auth is not None
-        self._auth.login()
-        self.ui.info(f"logged in; token saved in {self._auth.store.path}")
 
-    def run(self) -> RunReport:
-        library = Library(self.config.output_dir, sidecars=self.config.sidecars)
-        if self.config.dry_run:  # reads only: no lock needed
-            todo = self._select(library)
-            used = self._limits.window_state()["downloads_used"] if self._limits else 0
-            self.plan = plan(todo, self.report.selected, self.report.skipped, self.report.missing,
-                             self.config.daily_cap, used)
-            return self.report
-        with library.locked(self.config.wait_lock, self.ui):
-            library.check_variant(self.config.previews)
-            self._run_locked(library)
-        return self.report
+def connect(config: Config, ui: Ui, read_line: Callable[[], str]) -> Connection:
+    ensure_private_dir(config.state_dir)
+    client_id = config.client_id or ""
+    stop = threading.Event()
+    limits = Limits(config, Ledger(config.state_dir / "ledger.jsonl", client_id, ui.warn), ui, stop)
+    auth = Auth(config, TokenStore(config.state_dir / "token.json", client_id), ui, read_line)
+    return Connection(limits, auth, Api(config, ApiSession(config, limits, auth, ui)), stop)
 
-    def _run_locked(self, library: Library) -> None:
-        todo = self._select(library)
-        for sound_id in self.report.missing:
+
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    """The sounds a source names: the new ones in order, and what was skipped or missing."""
+
+    new: list[dict]
+    selected: int
+    present: int
+    missing: list[int]
+
+
+def select(config: Config, api: Api, library: Library) -> Selection:
+    """Resolve the source; sounds already in the library are counted, not fetched."""
+    if config.ids is not None:
+        wanted = [i for i in config.ids if not library.has(i)]
+        sounds, missing = api.sounds_by_id(wanted) if wanted else ([], [])
+        return Selection(sounds, len(config.ids), len(config.ids) - len(wanted), missing)
+    listed = list(listing(config, api))
+    new = [sound for sound in listed if not library.has(int(sound["id"]))]
+    unique: dict[int, dict] = {}
+    for sound in new:  # a sound can come twice across search pages: keep the first
+        unique.setdefault(int(sound["id"]), sound)
+    return Selection(list(unique.values()), len(listed), len(listed) - len(new), [])
+
+
+def listing(config: Config, api: Api) -> Iterator[dict]:
+    """The sounds of a query, a pack, a user or a bookmark category."""
+    if config.pack is not None:
+        return api.list_sounds(f"/packs/{config.pack}/sounds/", f"pack {config.pack}")
+    if config.user is not None:
+        return api.list_sounds(f"/users/{quote(config.user, safe='')}/sounds/", f"user {config.user!r}")
+    if config.bookmark_category is not None:
+        category = bookmark_category_id(api, config.bookmark_category)
+        return api.list_sounds(f"/me/bookmark_categories/{category}/sounds/", f"bookmark category {category}")
+    return api.search(config.query or "", config.filter, config.sort)
+
+
+def bookmark_category_id(api: Api, wanted: str) -> int:
+    if wanted.isdigit():
+        return int(wanted)
+    categories = api.bookmark_categories()
+    for category in categories:
+        if category["name"].casefold() == wanted.casefold():
+            return int(category["id"])
+    names = ", ".join(repr(c["name"]) for c in categories) or "none"
+    raise UsageError(f"no bookmark category named {wanted!r}; yours are: {names}")
+
+
+def bookmark_categories_text(api: Api) -> str:
+    rows = api.bookmark_categories()
+    if not rows:
+        return "you have no bookmarks"
+    return "\n".join(f"{c['id']:>8}  {c['name']} ({c['num_sounds']} sounds)" for c in rows)
+
+
+def plan_library(config: Config, conn: Connection, ui: Ui) -> Plan:
+    """--dry-run: select and count; download nothing. A login is not a download, so a
+    --auth-code (single-use, 10 minutes) is exchanged rather than lost."""
+    if config.auth_code:
+        conn.auth.login()
+        ui.info(f"exchanged --auth-code: logged in, token saved in {conn.auth.store.path}")
+    library = Library(config.output_dir, sidecars=config.sidecars)  # reads only: no lock needed
+    selection = select(config, conn.api, library)
+    return plan(selection.new, selection.selected, selection.present, selection.missing,
+                config.daily_cap, conn.limits.window().downloads_used)
+
+
+def download_library(config: Config, conn: Connection, ui: Ui) -> RunReport:
+    """Select under the output folder's lock, then download what is new."""
+    library = Library(config.output_dir, sidecars=config.sidecars)
+    with library.locked(config.wait_lock, ui):
+        library.check_variant(config.previews)
+        selection = select(config, conn.api, library)
+        for sound_id in selection.missing:
             library.note_failed(sound_id, "not found on Freesound", time.time())
-        if self.config.max is not None and len(todo) > self.config.max:
-            self.report.remaining = len(todo) - self.config.max
-            todo = todo[:self.config.max]
+        todo = selection.new[:config.max] if config.max is not None else selection.new
+        report = RunReport(skipped=selection.present, missing=selection.missing,
+                           remaining=len(selection.new) - len(todo))
         if todo:
-            self.api()
-            if not self.config.previews:  # log in now, before the first download is paced
-                self._auth.access_token()
-            self._download_until_done(library, todo)
-        if self._limits is not None:
-            self.report.window = self._limits.window_state()
+            if not config.previews:  # log in now, before the first download is paced
+                conn.auth.access_token()
+            Downloader(config, conn, library, ui, report).run(todo)
+        report.window = conn.limits.window()
+    return report
 
-    def _download_until_done(self, library: Library, todo: list[dict]) -> None:
-        """Download; with --wait, sleep through each full daily window and carry on."""
+
+class Downloader:
+    """Downloads a list of sounds with --jobs workers under one pacer, ledger and metadata
+    writer, counting every outcome in the report."""
+
+    def __init__(self, config: Config, conn: Connection, library: Library, ui: Ui, report: RunReport) -> None:
+        self.config, self.api, self.library, self.ui, self.report = config, conn.api, library, ui, report
+        self.stop = conn.stop             # no new request: a daily limit, a fatal error, Ctrl-C
+        self.abort = threading.Event()    # Ctrl-C: transfers in flight stop too, keeping their .part
+        self._lock = threading.Lock()     # guards the report and the shared queue
+        self._fatal: BaseException | None = None
+
+    def run(self, todo: list[dict]) -> None:
+        """Download `todo`; with --wait, sleep through each full daily window and carry on."""
         left_out_by_max = self.report.remaining
         while True:
             self.report.remaining = left_out_by_max
-            self._download_all(library, todo)
+            self._download_all(todo)
             stopped = self.report.stopped
             if not (self.config.wait and stopped is not None and stopped.frees_at is not None):
                 return
-            todo = [s for s in todo if not library.has(int(s["id"])) and int(s["id"]) not in self.report.failed]
+            todo = [s for s in todo if not self.library.has(int(s["id"])) and int(s["id"]) not in self.report.failed]
             if todo:
                 wait = max(0.0, stopped.frees_at.timestamp() - time.time()) + 1.0
                 self.ui.info(f"{stopped}; --wait: sleeping until {format_utc(time.time() + wait)}, "
                              f"then {len(todo)} more")
                 time.sleep(wait)
             self.report.stopped = None
-            self._stop.clear()
+            self.stop.clear()
             if not todo:
                 self.report.remaining = left_out_by_max
                 return
 
-    def _listing(self) -> Iterator[dict]:
-        """The sounds of a query, a pack, a user or a bookmark category."""
-        config, api = self.config, self.api()
-        if config.pack is not None:
-            return api.list_sounds(f"/packs/{config.pack}/sounds/", f"pack {config.pack}")
-        if config.user is not None:
-            return api.list_sounds(f"/users/{quote(config.user, safe='')}/sounds/", f"user {config.user!r}")
-        if config.bookmarks is not None:
-            category = self._bookmark_category(config.bookmarks)
-            return api.list_sounds(f"/me/bookmark_categories/{category}/sounds/", f"bookmark category {category}")
-        return api.search(config.query or "", config.filter, config.sort)
-
-    def _bookmark_category(self, wanted: str) -> int:
-        if wanted.isdigit():
-            return int(wanted)
-        categories = self.api().bookmark_categories()
-        for category in categories:
-            if category["name"].casefold() == wanted.casefold():
-                return int(category["id"])
-        names = ", ".join(repr(c["name"]) for c in categories) or "none"
-        raise UsageError(f"no bookmark category named {wanted!r}; yours are: {names}")
-
-    def bookmark_categories_text(self) -> str:
-        rows = self.api().bookmark_categories()
-        if not rows:
-            return "you have no bookmarks"
-        return "\n".join(f"{c['id']:>8}  {c['name']} ({c['num_sounds']} sounds)" for c in rows)
-
-    def status(self) -> dict:
-        """--status: the rolling windows, the login, the library; no request is made."""
-        config = self.config
-        if not config.client_id:
-            raise AuthError(f"--status needs the client id: set {ENV_CLIENT_ID}")
-        ledger = Ledger(config.state_dir / "ledger.jsonl", config.client_id, self.ui.warn)
-        token = TokenStore(config.state_dir / "token.json", config.client_id).load(self.ui.warn)
-        entries = load_metadata(config.output_dir / "metadata.json")
-        present = sum(1 for e in entries if (config.output_dir / Path(str(e.get("file"))).name).is_file())
-        return {"client_id": config.client_id, "window": Limits(config, ledger, self.ui).window_state(),
-                "token_expires_at": iso_utc(token["expires_at"]) if token else None,
-                "token_expired": bool(token) and token["expires_at"] < time.time(),
-                "output_dir": str(config.output_dir), "sounds_present": present,
-                "sounds_in_metadata": len(entries)}
-    def _select(self, library: Library) -> list[dict]:
-        """The sounds to download, in order; already-present ones are counted and skipped."""
-        config = self.config
-        if config.ids is not None:
-            wanted = [i for i in config.ids if not library.has(i)]
-            self.report.skipped = len(config.ids) - len(wanted)
-            sounds, self.report.missing = self.api().sounds_by_id(wanted) if wanted else ([], [])
-            self.report.selected = len(config.ids)
-        else:
-            sounds = []
-            for sound in self._listing():
-                self.report.selected += 1
-                if library.has(int(sound["id"])):
-                    self.report.skipped += 1
-                else:
-                    sounds.append(sound)
-        unique: dict[int, dict] = {}
-        for sound in sounds:  # a sound can come twice across search pages: keep the first
-            unique.setdefault(int(sound["id"]), sound)
-        return list(unique.values())
-
-    def _download_all(self, library: Library, todo: list[dict]) -> None:
-        """Download `todo` with --jobs at once; all share the pacer, ledger and metadata writer."""
-        queue, queue_lock, done = iter(todo), threading.Lock(), [0]
+    def _download_all(self, todo: list[dict]) -> None:
+        queue, done = iter(todo), [0]
 
         def work(slot: int) -> None:
-            while not self._stop.is_set():
-                with queue_lock:
+            while not self.stop.is_set():
+                with self._lock:
                     sound = next(queue, None)
                 if sound is None:
                     return
-                if self._download_counted(library, sound, slot):
-                    with queue_lock:
+                if self._download_counted(sound, slot):
+                    with self._lock:
                         done[0] += 1
 
         self.ui.start(len(todo))
         try:
             jobs = min(self.config.jobs, len(todo))
             if jobs == 1:
-                work(0)  # in the main thread: Ctrl-C interrupts the download at once
+                self._guarded(work, 0)  # in the main thread: Ctrl-C interrupts the download at once
             else:
                 self._run_workers(work, jobs)
         finally:
@@ -2080,54 +2274,54 @@ class Runner:
         if self._fatal is not None:
             raise self._fatal
 
-    def _run_workers(self, work: Callable[[int], None], jobs: int) -> None:
-        def guarded(slot: int) -> None:
-            try:
-                work(slot)
-            except Stopped:
-                pass
-            except BaseException as exc:  # re-raised by the main thread, once all have stopped
-                self._fatal = self._fatal or exc
-                self._stop.set()
+    def _guarded(self, work: Callable[[int], None], slot: int) -> None:
+        try:
+            work(slot)
+        except Stopped:
+            pass
+        except BaseException as exc:  # re-raised by the main thread, once all have stopped
+            self._fatal = self._fatal or exc
+            self.stop.set()
 
-        threads = [threading.Thread(target=guarded, args=(slot,), daemon=True) for slot in range(jobs)]
+    def _run_workers(self, work: Callable[[int], None], jobs: int) -> None:
+        threads = [threading.Thread(target=self._guarded, args=(work, slot), daemon=True) for slot in range(jobs)]
         for thread in threads:
             thread.start()
         try:
             while alive := [thread for thread in threads if thread.is_alive()]:
                 alive[0].join(0.1)  # a short join, so that Ctrl-C reaches this thread
         except (KeyboardInterrupt, Terminated):
-            self._stop.set()
-            self._abort.set()  # each download stops at its next chunk and keeps its .part
+            self.stop.set()
+            self.abort.set()  # each download stops at its next chunk and keeps its .part
             self.ui.info("stopping: letting the downloads in flight save their partial files")
             for thread in threads:
                 thread.join()
             raise
 
-    def _download_counted(self, library: Library, sound: dict, slot: int) -> bool:
+    def _download_counted(self, sound: dict, slot: int) -> bool:
         """Download one sound and count the outcome; False if a daily limit stopped it."""
         try:
-            self._download_one(library, sound, slot)
+            self._download_one(sound, slot)
         except DailyLimitReached as exc:
-            with self._report_lock:
+            with self._lock:
                 self.report.stopped = self.report.stopped or exc
-            self._stop.set()
+            self.stop.set()
             return False
         except DownloadError as exc:
-            with self._report_lock:
+            with self._lock:
                 self.report.failed[exc.sound_id] = exc.reason
-            library.note_failed(exc.sound_id, exc.reason, time.time())
+            self.library.note_failed(exc.sound_id, exc.reason, time.time())
             self.ui.warn(str(exc))
         self.ui.advance()
         return True
 
-    def _download_one(self, library: Library, sound: dict, slot: int = 0) -> None:
+    def _download_one(self, sound: dict, slot: int) -> None:
         preview = self.config.previews
         name = sound_filename(sound, preview)
-        dest = library.folder / name
-        if not preview and library.adoptable(sound, dest):
-            library.record(sound, name, time.time())
-            with self._report_lock:
+        dest = self.library.folder / name
+        if not preview and self.library.adoptable(sound, dest):
+            self.library.record(sound, name, time.time())
+            with self._lock:
                 self.report.skipped += 1
             return
         part, md5_hex = self._download_with_retries(sound, dest, slot)
@@ -2136,22 +2330,19 @@ class Runner:
                      "type": preview.partition("-")[2], "preview": preview}
         with signals_deferred():
             os.replace(part, dest)
-            library.record(sound, name, time.time())
-        with self._report_lock:
+            self.library.record(sound, name, time.time())
+        with self._lock:
             self.report.downloaded += 1
         self.ui.info(f"downloaded {name} ({format_size(int(sound.get('filesize') or 0))})")
 
-    def _download_with_retries(self, sound: dict, dest: Path, slot: int = 0) -> tuple[Path, str]:
+    def _download_with_retries(self, sound: dict, dest: Path, slot: int) -> tuple[Path, str]:
         """Resume after a dropped connection; after a corrupt file, start over once."""
-        import requests
-
-        api, sound_id = self.api(), int(sound["id"])
+        sound_id = int(sound["id"])
         for attempt in range(1, self.config.retries + 2):
             try:
-                return download_to(api, sound, dest, self.ui.slot(slot), self._abort, self.config.previews)
-            except (requests.ConnectionError, requests.Timeout,
-                    requests.exceptions.ChunkedEncodingError) as exc:
-                reason = f"connection lost mid-download ({type(exc).__name__})"
+                return download_to(self.api, sound, dest, self.ui.slot(slot), self.abort, self.config.previews)
+            except NetworkError as exc:
+                reason = exc.detail
             except CorruptDownload as exc:
                 if attempt >= 2:
                     raise
@@ -2162,13 +2353,27 @@ class Runner:
         raise AssertionError("unreachable: the last attempt returns or raises")
 
 
+def status_report(config: Config, ui: Ui) -> Status:
+    """--status: the rolling windows, the login, the library; no request is made."""
+    if not config.client_id:
+        raise AuthError(f"--status needs the client id: set {ENV_CLIENT_ID}")
+    ledger = Ledger(config.state_dir / "ledger.jsonl", config.client_id, ui.warn)
+    token = TokenStore(config.state_dir / "token.json", config.client_id).load(ui.warn)
+    entries = load_metadata(config.output_dir / "metadata.json")
+    present = sum(1 for e in entries if (config.output_dir / Path(str(e.get("file"))).name).is_file())
+    return Status(client_id=config.client_id, window=Limits(config, ledger, ui, threading.Event()).window(),
+                  token_expires_at=iso_utc(token["expires_at"]) if token else None,
+                  token_expired=token is not None and token["expires_at"] < time.time(),
+                  output_dir=str(config.output_dir), sounds_present=present, sounds_in_metadata=len(entries))
+
+
 ###############################################################################
 # Command line ################################################################
 ###############################################################################
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
+    def error(self, message: str) -> NoReturn:
         """One line, like every other error here (argparse would print the whole usage too)."""
         self.exit(ExitCode.USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
@@ -2188,8 +2393,31 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--user", metavar="NAME", help="a user's sounds")
     source.add_argument("--bookmarks", nargs="?", const="", metavar="CATEGORY",
                         help="your bookmarks in this category (id or name); without one, list the categories")
+    _add_selection_flags(parser)
+    _add_pacing_flags(parser)
+    _add_login_flags(parser)
     add = parser.add_argument
-    add("-f", "--filter", metavar="SOLR", help="Solr filter, passed to the API as is")
+    add("-o", "--output-dir", default="sounds", metavar="DIR", help="output folder (default: ./sounds)")
+    add("--wait-lock", action="store_true",
+        help="if another run is using the output folder, wait for it instead of exiting")
+    add("--dry-run", action="store_true", help="show what would be downloaded; download nothing")
+    add("--status", action="store_true",
+        help="show the rolling windows, the login and the library; download nothing, send nothing")
+    add("--previews", nargs="?", const="hq-mp3", choices=PREVIEW_KINDS, metavar="KIND",
+        help="download previews (" + ", ".join(PREVIEW_KINDS) + "; default hq-mp3) instead of "
+             "originals: needs only the API key, no login")
+    add("--sidecars", action="store_true",
+        help="also write <file>.json beside each audio file: its metadata and attribution line")
+    add("--json", action="store_true",
+        help="print one JSON summary object on stdout at the end (progress stays on stderr)")
+    add("--quiet", action="store_true", help="show only errors")
+    add("--debug", action="store_true", help="show tracebacks")
+    add("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def _add_selection_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-f", "--filter", metavar="SOLR", help="Solr filter, passed to the API as is")
     helpers = parser.add_argument_group("filter helpers (compiled to Solr syntax and ANDed with --filter)")
     helpers.add_argument("--license", action="append", default=[], choices=list(LICENSE_FILTER_NAMES),
                          help="repeatable; any of them")
@@ -2201,9 +2429,12 @@ def build_parser() -> argparse.ArgumentParser:
     helpers.add_argument("--channels", type=int, metavar="N")
     helpers.add_argument("--tag", action="append", default=[], metavar="TAG", help="repeatable; all of them")
     helpers.add_argument("--print-filter", action="store_true", help="print the compiled filter and exit")
-    add("--sort", metavar="KEY", help="one of: " + ", ".join(SORT_KEYS))
-    add("--max", type=int, metavar="N", help="download at most N new sounds this run")
-    add("-o", "--output-dir", default="sounds", metavar="DIR", help="output folder (default: ./sounds)")
+    parser.add_argument("--sort", choices=SORT_KEYS, metavar="KEY", help="one of: " + ", ".join(SORT_KEYS))
+    parser.add_argument("--max", type=int, metavar="N", help="download at most N new sounds this run")
+
+
+def _add_pacing_flags(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
     add("--rate", type=float, default=DEFAULT_RATE_PER_MIN, metavar="N",
         help=f"downloads per minute, start to start (default {DEFAULT_RATE_PER_MIN})")
     add("--daily-cap", type=int, default=DEFAULT_DAILY_CAP, metavar="N",
@@ -2220,15 +2451,15 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"first retry delay, doubled each time (default {DEFAULT_BACKOFF_S})")
     add("--timeout", type=float, default=READ_TIMEOUT_S, metavar="SECONDS",
         help=f"give up on a silent connection after this long (default {READ_TIMEOUT_S:g})")
-    add("--wait-lock", action="store_true",
-        help="if another run is using the output folder, wait for it instead of exiting")
-    add("--dry-run", action="store_true", help="show what would be downloaded; download nothing")
-    add("--status", action="store_true",
-        help="show the rolling windows, the login and the library; download nothing, send nothing")
     add("--wait", action="store_true",
         help="at the daily cap, sleep until the window frees and carry on until everything is downloaded")
+
+
+def _add_login_flags(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
     add("--login", action="store_true", help="log in, store the token, exit")
-    add("--auth-code", metavar="CODE", help="exchange this authorization code instead of prompting")
+    add("--auth-code", metavar="CODE",
+        help="exchange this authorization code instead of prompting (also with --dry-run)")
     add("--redirect-uri", metavar="URI",
         help="log in through the browser with no copy-paste: the http://127.0.0.1/... callback you "
              "registered for your API credentials (any port works)")
@@ -2238,17 +2469,6 @@ def build_parser() -> argparse.ArgumentParser:
     add("--client-secret-file", metavar="PATH", help="read the client secret from this file")
     add("--state-dir", metavar="DIR", help=f"token and ledger folder (default: ${ENV_STATE_DIR} or "
         "the per-user config folder)")
-    add("--previews", nargs="?", const="hq-mp3", choices=PREVIEW_KINDS, metavar="KIND",
-        help="download previews (" + ", ".join(PREVIEW_KINDS) + "; default hq-mp3) instead of "
-             "originals: needs only the API key, no login")
-    add("--sidecars", action="store_true",
-        help="also write <file>.json beside each audio file: its metadata and attribution line")
-    add("--json", action="store_true",
-        help="print one JSON summary object on stdout at the end (progress stays on stderr)")
-    add("--quiet", action="store_true", help="show only errors")
-    add("--debug", action="store_true", help="show tracebacks")
-    add("--version", action="version", version=f"%(prog)s {__version__}")
-    return parser
 
 
 def _positive(name: str, value: float | None, allow_none: bool = False) -> None:
@@ -2311,25 +2531,31 @@ def filter_from_args(args: argparse.Namespace) -> str | None:
                         bitdepth=args.bitdepth, channels=args.channels, tags=args.tag)
 
 
-def config_from_args(args: argparse.Namespace, environ: dict, stdin=sys.stdin) -> Config:
-    """Validate the parsed flags and environment into a Config; raise UsageError on bad input."""
-    sources = [name for name in ("query", "ids", "ids_file", "pack", "user", "bookmarks")
-               if getattr(args, name) is not None]
-    if args.login and sources:
-        raise UsageError("--login takes no source; it only logs in")
+def given_sources(args: argparse.Namespace) -> list[str]:
+    return [name for name in ("query", "ids", "ids_file", "pack", "user", "bookmarks")
+            if getattr(args, name) is not None]
+
+
+def action_from_args(args: argparse.Namespace) -> Action:
+    """The action the flags ask for (in Action's order), checked against the source."""
+    sources = given_sources(args)
+    if args.print_filter:
+        return Action.PRINT_FILTER
     if args.login:
-        pass
-    elif args.print_filter or args.status:
-        pass
-    elif not sources:
+        if sources:
+            raise UsageError("--login takes no source; it only logs in")
+        return Action.LOGIN
+    if args.bookmarks == "":
+        return Action.LIST_BOOKMARKS
+    if args.status:
+        return Action.STATUS
+    if not sources:
         raise UsageError("give exactly one source: --query TEXT, --ids-file PATH, --ids ID ..., "
                          "--pack ID, --user NAME or --bookmarks [CATEGORY]")
-    compiled = filter_from_args(args)
-    if compiled is not None and sources and sources != ["query"]:
-        raise UsageError("--filter and the filter helpers apply to --query only "
-                         '(use --query "" --filter ... to filter all sounds)')
-    if args.sort is not None and args.sort not in SORT_KEYS:
-        raise UsageError(f"--sort {args.sort!r} is not one of: {', '.join(SORT_KEYS)}")
+    return Action.DRY_RUN if args.dry_run else Action.DOWNLOAD
+
+
+def check_numbers(args: argparse.Namespace) -> None:
     for name, value in (("--rate", args.rate), ("--api-rate", args.api_rate),
                         ("--daily-cap", args.daily_cap), ("--api-daily-cap", args.api_daily_cap)):
         _positive(name, value)
@@ -2339,23 +2565,30 @@ def config_from_args(args: argparse.Namespace, environ: dict, stdin=sys.stdin) -
     _positive("--timeout", args.timeout)
     if not 1 <= args.jobs <= MAX_JOBS:
         raise UsageError(f"--jobs must be between 1 and {MAX_JOBS}, got {args.jobs}")
+
+
+def config_from_args(args: argparse.Namespace, environ: dict, stdin=sys.stdin) -> Config:
+    """Validate the parsed flags and environment into a Config; raise UsageError on bad input."""
+    action = action_from_args(args)
+    compiled = filter_from_args(args)
+    if compiled is not None and set(given_sources(args)) - {"query"}:
+        raise UsageError("--filter and the filter helpers apply to --query only "
+                         '(use --query "" --filter ... to filter all sounds)')
+    check_numbers(args)
     state_dir = args.state_dir or environ.get(ENV_STATE_DIR)
     return Config(
-        query=args.query, ids=read_ids(args, stdin), pack=args.pack, user=args.user, bookmarks=args.bookmarks,
-        filter=compiled, sort=args.sort,
-        max=args.max, output_dir=Path(args.output_dir), rate=args.rate, daily_cap=args.daily_cap,
-        api_rate=args.api_rate, api_daily_cap=args.api_daily_cap, dry_run=args.dry_run,
-        print_filter=args.print_filter, status=args.status, wait=args.wait, json=args.json,
-        sidecars=args.sidecars, previews=args.previews,
-        login=args.login, auth_code=args.auth_code,
+        action=action, query=args.query, ids=read_ids(args, stdin), pack=args.pack, user=args.user,
+        bookmark_category=args.bookmarks or None, filter=compiled, sort=args.sort, max=args.max,
+        output_dir=Path(args.output_dir), rate=args.rate, daily_cap=args.daily_cap,
+        api_rate=args.api_rate, api_daily_cap=args.api_daily_cap, wait=args.wait, json=args.json,
+        sidecars=args.sidecars, previews=args.previews, auth_code=args.auth_code,
         redirect_uri=check_redirect_uri(args.redirect_uri) if args.redirect_uri else None,
         client_id=args.client_id or environ.get(ENV_CLIENT_ID),
         client_secret=read_secret(args, environ),
         api_base=check_api_base(environ.get(ENV_API_URL) or DEFAULT_API_BASE),
         state_dir=Path(state_dir) if state_dir else default_state_dir(sys.platform, environ, Path.home()),
         jobs=args.jobs, retries=args.retries, backoff=args.backoff, timeout=args.timeout,
-        wait_lock=args.wait_lock,
-        debug=args.debug, quiet=args.quiet)
+        wait_lock=args.wait_lock)
 
 
 def _raise_terminated(signum, frame) -> None:
@@ -2363,7 +2596,7 @@ def _raise_terminated(signum, frame) -> None:
 
 
 def program(config: Config, ui: Ui, stdin) -> ExitCode:
-    """The work, without error handling."""
+    """The work, without error handling: one branch per action."""
     def read_line() -> str:
         line = stdin.readline()
         if not stdin.isatty():
@@ -2373,32 +2606,32 @@ def program(config: Config, ui: Ui, stdin) -> ExitCode:
     if config.rate > config.api_rate:
         ui.info(f"note: --rate {config.rate:g} is above --api-rate {config.api_rate:g}; "
                 f"downloads will start at most {config.api_rate:g} a minute")
-    if config.print_filter:
+    if config.action is Action.PRINT_FILTER:
         print(config.filter or "")
         return ExitCode.SUCCESS
-    runner = Runner(config, ui, read_line=read_line)
-    if config.login:
-        runner.login_only()
+    if config.action is Action.STATUS:
+        return show(status_report(config, ui), config)
+    conn = connect(config, ui, read_line)
+    if config.action is Action.LOGIN:
+        conn.auth.login()
+        ui.info(f"logged in; token saved in {conn.auth.store.path}")
         return ExitCode.SUCCESS
-    if config.bookmarks == "":
-        print(runner.bookmark_categories_text())
+    if config.action is Action.LIST_BOOKMARKS:
+        print(bookmark_categories_text(conn.api))
         return ExitCode.SUCCESS
-    if config.status:
-        state = runner.status()
-        print(json.dumps(state, sort_keys=True) if config.json else status_text(state))
-        return ExitCode.SUCCESS
-    report = runner.run()
-    if config.dry_run:
-        assert runner.plan is not None
-        print(json.dumps(runner.plan, sort_keys=True) if config.json else plan_text(runner.plan))
-        return ExitCode.SUCCESS
-    if report.exit_code == ExitCode.SUCCESS:
-        ui.info(report.summary())
-    else:
-        ui.warn(report.summary())
+    if config.action is Action.DRY_RUN:
+        return show(plan_library(config, conn, ui), config)
+    report = download_library(config, conn, ui)
+    (ui.info if report.exit_code == ExitCode.SUCCESS else ui.warn)(report.text())
     if config.json:
-        print(json.dumps(report.as_json(), sort_keys=True))
+        print(json.dumps(as_json(report), sort_keys=True))
     return report.exit_code
+
+
+def show(report: Plan | Status, config: Config) -> ExitCode:
+    """Print a report on stdout: as text, or as JSON with --json."""
+    print(json.dumps(as_json(report), sort_keys=True) if config.json else report.text())
+    return ExitCode.SUCCESS
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -361,12 +361,6 @@ def test_resumed_offset_validates_content_range(status, content_range, offset, s
         assert dl.resumed_offset(status, content_range, offset, size) == expected
 
 
-class _Body:
-    def iter_content(self, size):
-        yield b"x" * 10
-        yield b"y" * 10
-
-
 def test_a_full_disk_removes_the_part_file_and_is_one_clear_error(tmp_path, monkeypatch):
     import errno
     import hashlib
@@ -393,7 +387,7 @@ def test_a_full_disk_removes_the_part_file_and_is_one_clear_error(tmp_path, monk
     monkeypatch.setattr(Path, "open", lambda self, *a, **k: FullDisk(real_open(self, *a, **k)))
     ui = dl.Ui(bars=False)
     with pytest.raises(dl.UsageError, match="No space left on device"):
-        dl._write_body(_Body(), part, 0, hashlib.md5(), 20, ui, "n")
+        dl._write_body([b"x" * 10, b"y" * 10], part, 0, hashlib.md5(), 20, ui, "n")
     assert not part.exists()
 
 
@@ -506,9 +500,10 @@ def test_plan_groups_new_sounds_by_licence():
             {"license": "https://creativecommons.org/licenses/by/4.0/", "filesize": 50},
             {"license": "http://creativecommons.org/publicdomain/zero/1.0/", "filesize": 1}]
     summary = dl.plan(todo, selected=5, present=2, not_found=[9], daily_cap=2, used_now=1)
-    assert summary["by_license"] == {"CC BY 4.0": {"sounds": 1, "bytes": 50}, "CC0 1.0": {"sounds": 2, "bytes": 101}}
-    assert summary["runs"] == 2 and summary["new_bytes"] == 151
-    text = dl.plan_text(summary)
+    assert summary.by_license == {"CC BY 4.0": dl.LicenseRow(1, 50), "CC0 1.0": dl.LicenseRow(2, 101)}
+    assert summary.runs == 2 and summary.new_bytes == 151
+    assert dl.as_json(summary)["by_license"]["CC0 1.0"] == {"sounds": 2, "bytes": 101}  # what --json prints
+    text = summary.text()
     assert "| CC0 1.0 | 2 | 101 B |" in text and "takes 2 runs" in text and "not found on Freesound: 9" in text
 
 
@@ -542,3 +537,66 @@ def test_preview_names_never_collide_with_originals():
 ])
 def test_preview_url(previews, expected):
     assert dl.preview_url({"previews": previews}, "hq-mp3") == expected
+
+
+# -- what an answer means: the whole retry policy -----------------------------------------------
+
+URL = "https://freesound.org/apiv2/sounds/1/download/"
+MINUTE_429 = "Request was throttled because of exceeding a request limit rate (60/minute)"
+DAY_429 = "Request was throttled because of exceeding a request limit rate (2000/day)"
+SUSPENDED_429 = "Request was throttled because the ApiV2 credential has been suspended"
+RETRIES, BACKOFF_S, THROTTLE_WAIT_S = 3, 2.0, 12.0
+
+
+@pytest.mark.parametrize("answer, attempt, step, outcome", [
+    # answers to hand back
+    (dict(status=200), dict(kind="api"), "RETURN", None),
+    (dict(status=206, is_json=False), dict(kind="download"), "RETURN", None),
+    (dict(status=416, is_json=False), dict(kind="download"), "RETURN", None),  # the .part is whole
+    # answers that are never retried
+    (dict(status=200, is_json=False, detail="unexpected text/html"), dict(kind="api"), "RAISE", dl.ApiError),
+    (dict(status=416, detail="x"), dict(kind="api"), "RAISE", dl.ApiError),
+    (dict(status=302, location="https://evil.example/?t=1"), dict(), "RAISE", "redirect to https://evil.example/"),
+    (dict(status=404, detail="Not found"), dict(), "RAISE", dl.NotFound),
+    (dict(status=400, detail="Invalid filter"), dict(kind="api"), "RAISE", dl.UsageError),
+    (dict(status=403, detail="This resource requires a secure connection (https)"), dict(), "RAISE", dl.UsageError),
+    (dict(status=418, detail="teapot"), dict(), "RAISE", dl.ApiError),
+    (dict(status=401, detail="Invalid token"), dict(kind="api"), "RAISE", "API key"),
+    # OAuth2: refresh once; a token that another worker already replaced is simply sent again
+    (dict(status=401, token_rejected=True), dict(bearer=True), "REFRESH", None),
+    (dict(status=401, token_rejected=True), dict(bearer=True, refreshed=True), "RAISE", "OAuth2 login"),
+    (dict(status=401, token_rejected=True), dict(bearer=True, token_replaced=True), "RESEND", None),
+    (dict(status=401, token_rejected=True), dict(bearer=True, token_replaced=True, refreshed=True), "RESEND", None),
+    (dict(status=401, token_rejected=True), dict(bearer=True, token_replaced=True, number=4), "RAISE", dl.AuthError),
+    (dict(status=401), dict(bearer=True), "RAISE", dl.AuthError),  # not invalid_token: no refresh helps
+    # throttling: the real 429 has no Retry-After
+    (dict(status=429, detail=DAY_429), dict(), "DAY_LIMIT", "(2000/day)"),
+    (dict(status=429, detail=SUSPENDED_429), dict(), "RAISE", dl.AuthError),
+    (dict(status=429, detail=MINUTE_429), dict(), "RETRY", THROTTLE_WAIT_S),
+    (dict(status=429, detail=MINUTE_429, retry_after_s=7.0), dict(), "RETRY", 7.0),
+    (dict(status=429, detail=MINUTE_429, retry_after_s=500.0), dict(), "RETRY", dl.MINUTE_S),
+    (dict(status=429, detail=MINUTE_429), dict(number=4), "RAISE", dl.Unavailable),
+    # transient failures: backoff, then give up
+    (dict(status=0, detail="network error: ConnectionError"), dict(), "RETRY", BACKOFF_S),
+    (dict(status=0, detail="network error: ConnectionError"), dict(number=4), "RAISE", dl.NetworkError),
+    (dict(status=503, detail="busy"), dict(number=3), "RETRY", BACKOFF_S),
+    (dict(status=500, detail="Server error"), dict(number=4), "RAISE", "gave up after 4 tries"),
+])
+def test_decide(answer, attempt, step, outcome):
+    decision = dl.decide(dl.Answer(**answer), dl.Attempt(**{"url": URL, "kind": "download", "number": 1, **attempt}),
+                         RETRIES, BACKOFF_S, THROTTLE_WAIT_S)
+    assert decision.step is dl.Step[step]
+    if isinstance(outcome, float):
+        assert decision.delay_s == outcome and decision.note
+    elif isinstance(outcome, type):
+        assert isinstance(decision.error, outcome), decision.error
+    elif isinstance(outcome, str):
+        assert outcome in str(decision.error or decision.note)
+    else:
+        assert decision.error is None and decision.delay_s == 0
+
+
+def test_a_minute_429_waits_at_least_the_backoff():
+    answer = dl.Answer(429, MINUTE_429)
+    attempt = dl.Attempt(URL, "api", 1)
+    assert dl.decide(answer, attempt, RETRIES, backoff_s=5.0, throttle_wait_s=0.0).delay_s == 5.0

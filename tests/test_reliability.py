@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -149,14 +150,9 @@ def test_the_minute_wait_comes_from_the_ledger_when_there_is_no_retry_after(tmp_
     with ledger.locked():
         for n in range(60):
             ledger.append("api", now - 50 + n * 0.5)
-    slept = []
-    limits = dl.Limits(dl.Config(), ledger, dl.Ui(bars=False, quiet=True), clock=lambda: now, sleep=slept.append)
-    limits.wait_after_throttle(None, 60, attempt=1)
-    assert slept == [pytest.approx(10.0)]     # the row at now-50 leaves the window at now+10
-    limits.wait_after_throttle(7.0, 60, attempt=1)
-    assert slept[-1] == 7.0                    # Retry-After wins when present
-    limits.wait_after_throttle(500.0, 60, attempt=1)
-    assert slept[-1] == 60.0                   # capped
+    limits = dl.Limits(dl.Config(), ledger, dl.Ui(bars=False, quiet=True), threading.Event(), clock=lambda: now)
+    assert limits.minute_frees_in(60) == pytest.approx(10.0)   # the row at now-50 leaves at now+10
+    assert limits.minute_frees_in(100) <= 0                     # a higher server limit: room now
 
 
 # -- bad local state ----------------------------------------------------------------------------
