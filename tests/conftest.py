@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,7 +69,7 @@ class Env:
         token = self.fake.issue_token()
         SEEN_SECRETS.update((token["access_token"], token["refresh_token"]))
         self.state.mkdir(mode=0o700, exist_ok=True)
-        stored = {**token, "expires_at": __import__("time").time() + 86400, "client_id": CLIENT_ID}
+        stored = {**token, "expires_at": time.time() + token["expires_in"], "client_id": CLIENT_ID}
         (self.state / "token.json").write_text(json.dumps(stored))
         return stored
 

@@ -1,5 +1,9 @@
 #!/usr/bin/env python3
-"""A fake Freesound API v2 server on loopback, faithful to ../shared/freesound-api.md.
+"""A fake Freesound API v2 server on loopback, faithful to the real server's behaviour.
+
+The facts it follows (README, "How the real API behaves") were read from the source of
+Freesound's server and of the libraries it runs: Django REST framework 3.15 and
+django-oauth-toolkit 3.0.1.
 
 Tests start it in-process (`FakeFreesound().start()`); a newcomer can run it by hand:
 
@@ -12,8 +16,11 @@ optional PKCE, rotating refresh tokens, invalid_grant / invalid_client), search 
 real `next` links and page rules, the `id:(...)` filter and a useful subset of Solr
 filter syntax, sound instances, original downloads (Bearer only, Content-Disposition,
 Range), per-credential rolling throttles with the real 429 bodies and no Retry-After,
-and the real 401/404 bodies. Fault injection: `fake.inject(...)` queues one-shot
-responses for matching requests, `fake.drop_after` cuts download bodies short.
+and the real 401/404 bodies. A refresh revokes the old access token at once, and
+`fake.access_lifetime_s` makes tokens short-lived. Fault injection: `fake.inject(...)`
+queues one-shot responses for matching requests, `fake.drop_after` cuts download bodies
+short. Every request is logged in `fake.requests` with its arrival time, and once
+answered, its status and `answered_at`: tests use that log as their clock.
 """
 from __future__ import annotations
 
@@ -226,6 +233,7 @@ class Injected:
     headers: dict
     times: int
     delay_s: float = 0.0
+    after: int = 0  # matching requests to let through first
 
 
 CHAOS_FAULTS = ("drop", "short", "corrupt", "500", "503", "429-minute")
@@ -264,6 +272,7 @@ class FakeFreesound:
         self.download_delay_s = 0.0
         self.chaos: Chaos | None = None
         self.token_delay_s = 0.0  # widens the window in which two refreshes could race
+        self.access_lifetime_s: float = ACCESS_LIFETIME_S  # what new tokens live (and say in expires_in)
         self.connections = 0      # TCP connections accepted: keep-alive reuse shows here
         self.bookmarks: dict[int, tuple[str, list[int]]] = {}  # category id -> (name, sound ids); 0 = Uncategorized
         self.lock = threading.Lock()
@@ -309,9 +318,9 @@ class FakeFreesound:
                                       redirect_uri, challenge, method)
         return code
 
-    def issue_token(self, *, expires_in: float = ACCESS_LIFETIME_S) -> dict:
+    def issue_token(self) -> dict:
         with self.lock:
-            return self._new_token(self.client_id, expires_in)
+            return self._new_token(self.client_id)
 
     def expire_access_tokens(self) -> None:
         with self.lock:
@@ -320,16 +329,16 @@ class FakeFreesound:
 
     def inject(self, path_re: str, status: int, body: dict | str | bytes = b"", *,
                method: str = "GET", headers: dict | None = None, times: int = 1,
-               delay_s: float = 0.0) -> None:
+               delay_s: float = 0.0, after: int = 0) -> None:
         """Answer the next `times` requests whose path matches `path_re` with this response
-        (after `delay_s`, to make the client time out)."""
+        (after `delay_s`, to make the client time out), once `after` of them have passed."""
         if isinstance(body, dict):
             body = json.dumps(body).encode()
             headers = {"Content-Type": "application/json", **(headers or {})}
         elif isinstance(body, str):
             body = body.encode()
         with self.lock:
-            self.injected.append(Injected(method, path_re, status, body, headers or {}, times, delay_s))
+            self.injected.append(Injected(method, path_re, status, body, headers or {}, times, delay_s, after))
 
     def requests_to(self, path_re: str, method: str = "GET") -> list[dict]:
         return [r for r in self.requests if r["method"] == method and re.search(path_re, r["path"])]
@@ -338,18 +347,24 @@ class FakeFreesound:
         return self.requests_to(r"/sounds/\d+/download/$")
 
     # -- internals ---------------------------------------------------------------------
-    def _new_token(self, client_id: str, expires_in: float) -> dict:
+    def _new_token(self, client_id: str) -> dict:
         access, refresh = generate_token(), generate_token()
-        self.access_tokens[access] = {"client_id": client_id, "expires_at": time.time() + expires_in,
+        self.access_tokens[access] = {"client_id": client_id, "expires_at": time.time() + self.access_lifetime_s,
                                       "refresh": refresh}
         self.refresh_tokens[refresh] = access
-        return {"access_token": access, "expires_in": ACCESS_LIFETIME_S, "token_type": "Bearer",
+        return {"access_token": access, "expires_in": self.access_lifetime_s, "token_type": "Bearer",
                 "scope": "read write", "refresh_token": refresh}
+
+    def answers(self, status: int) -> list[dict]:
+        return [r for r in self.requests if r.get("status") == status]
 
     def _take_injected(self, method: str, path: str) -> Injected | None:
         with self.lock:
             for fault in self.injected:
                 if fault.method == method and re.search(fault.path_re, path):
+                    if fault.after > 0:
+                        fault.after -= 1
+                        continue
                     fault.times -= 1
                     if fault.times <= 0:
                         self.injected.remove(fault)
@@ -397,6 +412,13 @@ class _Handler(BaseHTTPRequestHandler):
             self.fake.connections += 1
 
     # -- plumbing -----------------------------------------------------------------------
+    def send_response(self, code: int, message: str | None = None) -> None:
+        """Every answer goes through here: note it in the request log."""
+        entry = getattr(self, "_entry", None)
+        if entry is not None:
+            entry.update(status=code, answered_at=time.time())
+        super().send_response(code, message)
+
     def _send(self, status: int, body: bytes = b"", headers: dict | None = None) -> None:
         self.send_response(status)
         headers = {"Content-Length": str(len(body)), **(headers or {})}
@@ -413,10 +435,10 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, text.encode(), {"Content-Type": "text/html; charset=utf-8"})
 
     def _log(self, query: dict) -> None:
+        self._entry = {"method": self.command, "path": urlsplit(self.path).path, "query": query,
+                       "headers": dict(self.headers.items()), "at": time.time()}
         with self.fake.lock:
-            self.fake.requests.append({
-                "method": self.command, "path": urlsplit(self.path).path, "query": query,
-                "headers": dict(self.headers.items()), "at": time.time()})
+            self.fake.requests.append(self._entry)
 
     def do_GET(self) -> None:
         self._dispatch()
@@ -539,7 +561,7 @@ class _Handler(BaseHTTPRequestHandler):
                 if access is None:
                     return self._json(400, {"error": "invalid_grant"})
                 fake.access_tokens.pop(access, None)  # rotation revokes the old pair
-                return self._json(200, fake._new_token(client_id, ACCESS_LIFETIME_S))
+                return self._json(200, fake._new_token(client_id))
         if grant_type in ("password", "client_credentials", "implicit"):
             return self._json(400, {"error": "unauthorized_client"})
         self._json(400, {"error": "unsupported_grant_type"})
@@ -561,7 +583,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._json(400, {"error": "invalid_grant"})
         if grant.redirect_uri and form.get("redirect_uri") not in (None, grant.redirect_uri):
             return self._json(400, {"error": "invalid_request", "error_description": "Mismatching redirect URI."})
-        self._json(200, fake._new_token(client_id, ACCESS_LIFETIME_S))
+        self._json(200, fake._new_token(client_id))
 
     # -- search ---------------------------------------------------------------------------
     def _search(self, query: dict) -> None:

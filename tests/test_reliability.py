@@ -15,7 +15,7 @@ import threading
 import time
 
 import pytest
-from conftest import FAST, SCRIPT, Env, assert_no_secrets
+from conftest import FAST, SCRIPT, SEEN_SECRETS, Env, assert_no_secrets
 from fake_freesound import Chaos, FakeFreesound, FakeSound, make_sounds
 
 import download_freesound_library as dl
@@ -153,6 +153,91 @@ def test_the_minute_wait_comes_from_the_ledger_when_there_is_no_retry_after(tmp_
     limits = dl.Limits(dl.Config(), ledger, dl.Ui(bars=False, quiet=True), threading.Event(), clock=lambda: now)
     assert limits.minute_frees_in(60) == pytest.approx(10.0)   # the row at now-50 leaves at now+10
     assert limits.minute_frees_in(100) <= 0                     # a higher server limit: room now
+
+
+# -- --jobs against a server that revokes and throttles like the real one -----------------------
+
+def test_jobs_4_with_access_tokens_that_expire_during_the_run(env):
+    """The server revokes an access token the moment it is refreshed (DOT with rotation).
+    Tokens live 1 s here and downloads start every 0.25 s on 4 workers, so tokens expire
+    and are replaced while other workers wait for the pacer: each must attach its token
+    after that wait, or send one that is already revoked."""
+    env.fake.access_lifetime_s = 1.0
+    env.login()
+    ids = range(1000, 1008)
+    result = env.run("--ids", *map(str, ids), "--jobs", "4", "--api-rate", "240", "--rate", "60000")
+    assert result.returncode == 0, result.output
+    assert len(env.fake.answers(401)) <= 1, [r["path"] for r in env.fake.answers(401)]
+    assert len(env.fake.requests_to("/oauth2/access_token/", method="POST")) >= 2  # tokens did expire
+    _assert_library_exact(env, ids)
+
+
+def test_a_token_replaced_by_another_run_is_resent_not_refreshed_again(env):
+    """A 401 for a token that has been replaced meanwhile is retried with the current one,
+    and that retry is not the request's one refresh (a refresh now would revoke the token
+    the other run just got)."""
+    env.login()
+    invalid = {"WWW-Authenticate": 'Bearer realm="api",error="invalid_token",'
+                                   'error_description="The access token is invalid."'}
+    # Both the stale token and its replacement are refused: the resend must leave the refresh.
+    env.fake.inject(r"/sounds/1000/download/$", 401, {"detail": "Authentication credentials were not provided."},
+                    headers=invalid, delay_s=0.5, times=2)
+    run = _popen(env, "--ids", "1000", "--jobs", "1")
+    _wait_for_downloads(env.fake, 1)
+    newer = env.fake.issue_token()  # while the first download waits for its answer, another run refreshes
+    SEEN_SECRETS.update((newer["access_token"], newer["refresh_token"]))
+    stored = {**newer, "expires_at": time.time() + newer["expires_in"], "client_id": env.fake.client_id}
+    (env.state / "token.json").write_text(json.dumps(stored))
+    out, err = run.communicate(timeout=30)
+    assert run.returncode == 0, err
+    assert_no_secrets(env.fake, out, err)
+    sent = [r["headers"]["Authorization"] for r in env.fake.downloads()]
+    assert len(sent) == 3 and sent[1] == f"Bearer {newer['access_token']}" and len(set(sent)) == 3
+    assert len(env.fake.requests_to("/oauth2/access_token/", method="POST")) == 1
+
+
+@pytest.mark.parametrize("detail, code", [
+    ("Request was throttled because of exceeding a request limit rate (2000/day)", 4),
+    ("Request was throttled because the ApiV2 credential has been suspended", 3),
+])
+def test_no_request_starts_after_the_run_decides_to_stop(env, detail, code):
+    """Workers already waiting for a pacer slot when the stop comes must not send: each such
+    request is one more throttled request from a credential over its limit."""
+    env.login()
+    env.fake.inject(r"/download/$", 429, {"detail": detail}, after=3)  # the fourth download
+    result = env.run("--ids", *map(str, range(1000, 1010)), "--rate", "600", "--jobs", "4")
+    assert result.returncode == code, result.output
+    [refused] = env.fake.answers(429)
+    late = [r["path"] for r in env.fake.requests if r["at"] > refused["answered_at"]]
+    assert late == []
+    assert len(env.fake.downloads()) == 4
+
+
+def test_a_day_limit_from_the_server_stops_every_worker(env):
+    env.login()
+    env.fake.per_day = 4  # the search and three downloads
+    result = env.run("--ids", *map(str, range(1000, 1010)), "--rate", "600", "--jobs", "4")
+    assert result.returncode == 4, result.output
+    assert len(env.fake.answers(429)) == 1 and len(env.metadata()) == 3
+    assert "remaining 7" in result.stderr
+
+
+def test_auth_code_with_dry_run_is_exchanged_and_said(env):
+    """A code works once and for 10 minutes: a dry run must not silently drop it."""
+    result = env.run("--query", "", "--dry-run", "--auth-code", env.fake.issue_code())
+    assert result.returncode == 0, result.output
+    assert "exchanged --auth-code" in result.stderr and "12 new" in result.stdout
+    assert (env.state / "token.json").exists() and not env.fake.downloads()
+    assert env.run("--ids", "1000", stdin="").returncode == 0  # the next run needs no login
+
+
+def test_dry_run_counts_the_downloads_already_used_even_without_a_request(env):
+    env.login()
+    assert env.run("--ids", "1000", "1001").returncode == 0
+    before = len(env.fake.requests)
+    result = env.run("--ids", "1000", "1001", "--dry-run")
+    assert result.returncode == 0, result.output
+    assert "(2 used in the last 24 hours)" in result.stdout and len(env.fake.requests) == before
 
 
 # -- bad local state ----------------------------------------------------------------------------
