@@ -1865,7 +1865,7 @@ class BackgroundMd5:
         self._finish()  # never leave the thread waiting, whatever went wrong
 
 
-def _write_body(chunks: Iterable[bytes], part: Path, offset: int, digest: BackgroundMd5,
+def _write_body(chunks: Iterable[bytes], part: Path, offset: int, digest: BackgroundMd5 | hashlib._Hash,
                 size: int, ui: Ui | _SlotUi, label: str, stop: threading.Event | None = None) -> None:
     with part.open("ab" if offset else "wb") as handle, ui.file_progress(label, size, offset) as bar:
         for chunk in chunks:

@@ -166,7 +166,7 @@ def transfer_rows(scratch: Path, size: int, runs: int) -> list[Row]:
     label = f"{size >> 20} MiB original"
     with FakeFreesound([sound]) as fake:
         bench = Session(fake, scratch)
-        sound.md5  # hashed once here, not inside a timed run
+        _ = sound.md5  # hashed once here, not inside a timed run
         ours_argv = lambda: bench.ours("--ids", "300000")  # noqa: E731
         rss = [bench.peak_rss_mib(ours_argv()) for _ in range(runs)]
         base_rss = [bench.peak_rss_mib(bench.baseline("--ids", "300000")) for _ in range(runs)]
@@ -179,7 +179,8 @@ def transfer_rows(scratch: Path, size: int, runs: int) -> list[Row]:
             url = f"{fake.url}/sounds/300000/download/"
             for _ in range(runs):
                 out = Path(tempfile.mkdtemp(dir=scratch)) / "curl.bin"
-                curl_s.append(bench.run([curl, "-sf", "-o", str(out), "-H", f"Authorization: Bearer {bench.token}", url]))
+                curl_s.append(bench.run([curl, "-sf", "-o", str(out),
+                                         "-H", f"Authorization: Bearer {bench.token}", url]))
         ratio_ok = bool(curl_s) and statistics.median(ours_s) <= 1.3 * statistics.median(curl_s)
         rows.append(Row(f"wall time, {label} (whole run vs one curl GET)", "s", ours_s, curl_s, "curl",
                         "≤ 1.3 × curl", ratio_ok))

@@ -244,7 +244,8 @@ class Chaos:
 
     def __init__(self, rate: float, seed: int) -> None:
         import random
-        self.rate, self.rng, self.counts = rate, random.Random(seed), {}
+        self.rate, self.rng = rate, random.Random(seed)
+        self.counts: dict[str, int] = {}
 
     def pick(self) -> str | None:
         if self.rng.random() >= self.rate:
@@ -284,7 +285,7 @@ class FakeFreesound:
     @property
     def origin(self) -> str:
         host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://{host!s}:{port}"
 
     @property
     def url(self) -> str:
@@ -466,7 +467,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._authorize(query)
         if path == "/home/app_permissions/permission_granted/":
             return self._html(200, "<p>Permission granted to application <b>fake</b>!. Your authorization "
-                                   f"code:</p><div style=\"font-size:14px;font-family:'Courier';\">{query.get('code')}</div>")
+                                   "code:</p><div style=\"font-size:14px;font-family:'Courier';\">"
+                                   f"{query.get('code')}</div>")
         if self.command != "GET":
             return self._json(405, {"detail": f'Method "{self.command}" not allowed.'})
         if path in SEARCH_PATHS:

@@ -23,8 +23,11 @@ def _start_and_signal(env, signum: int, jobs: int) -> subprocess.CompletedProces
     while len(env.fake.downloads()) < 2 and time.monotonic() < deadline:
         time.sleep(0.02)  # one download done and one in flight (jobs 1), or several in flight
     time.sleep(0.2)
+    signalled_at = time.time()
     proc.send_signal(signum)
     out, err = proc.communicate(timeout=20)
+    late = [r["path"] for r in env.fake.requests if r["at"] > signalled_at]
+    assert late == [], "requests started after the signal"
     return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
 

@@ -2,6 +2,7 @@
 windows, metadata merge and attribution. Time is always a number passed in."""
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from pathlib import Path
 
@@ -226,7 +227,8 @@ def test_merge_metadata_adds_sorted_updates_in_place_and_keeps_user_keys():
 
 def test_attribution_groups_by_licence_with_the_credit_header():
     entries = [
-        dl.metadata_entry({**API_SOUND, "id": 3, "license": "http://creativecommons.org/publicdomain/zero/1.0/"}, "f", "t"),
+        dl.metadata_entry({**API_SOUND, "id": 3, "license": "http://creativecommons.org/publicdomain/zero/1.0/"},
+                          "f", "t"),
         dl.metadata_entry(API_SOUND, "f", "t"),
         dl.metadata_entry({**API_SOUND, "id": 1, "name": "Wind", "username": "bo",
                            "license": "https://creativecommons.org/licenses/by/4.0/"}, "f", "t"),
@@ -290,7 +292,7 @@ def test_ledger_skips_a_torn_last_line_and_counts_only_its_client(tmp_path):
                     '{"at": "2026-01-01T00:00:01Z", "client_id": "b", "kind": "download", "sound_id": 1}\n'
                     '{"at": "2026-01-01T00:00:02Z", "client_id": "a", "kind": "download", "sound_id": 2}\n'
                     '{"at": "2026-01-01T00:0')
-    warnings = []
+    warnings: list[str] = []
     ledger = dl.Ledger(path, "a", warnings.append)
     assert len(ledger.times()) == 2 and len(ledger.times("download")) == 1
     assert warnings and "line 4" in warnings[0]
@@ -331,7 +333,7 @@ def test_token_store_is_private_and_checks_the_client_id(tmp_path):
     assert token["expires_at"] == 87400.0 and token["client_id"] == "cid"
     assert (tmp_path / "state" / "token.json").stat().st_mode & 0o777 == 0o600
     assert (tmp_path / "state").stat().st_mode & 0o777 == 0o700
-    warnings = []
+    warnings: list[str] = []
     assert dl.TokenStore(store.path, "other").load(warnings.append) is None
     assert "another client id" in warnings[0]
 
@@ -482,15 +484,21 @@ def test_build_filter(kwargs, expected):
     assert dl.build_filter(**kwargs) == expected
 
 
+def _failed_ids(text: str, sound_id: int, note: str | None) -> str:
+    new = dl.failed_ids_text(text, sound_id, note)
+    assert new is not None
+    return new
+
+
 def test_failed_ids_text_adds_replaces_and_removes_lines():
-    text = dl.failed_ids_text("", 5, "md5 mismatch")
+    text = _failed_ids("", 5, "md5 mismatch")
     assert text.startswith("# ") and text.endswith("5  # md5 mismatch\n")
     assert dl.parse_id_lines(text.splitlines(), "failed_ids.txt") == [5]   # a valid --ids-file
-    text = dl.failed_ids_text(text, 7, "not found\non two lines")
-    text = dl.failed_ids_text(text, 5, "HTTP 503")
+    text = _failed_ids(text, 7, "not found\non two lines")
+    text = _failed_ids(text, 5, "HTTP 503")
     assert dl.parse_id_lines(text.splitlines(), "f") == [7, 5]
     assert "7  # not found on two lines\n" in text and "md5" not in text
-    text = dl.failed_ids_text(text, 7, None)
+    text = _failed_ids(text, 7, None)
     assert dl.parse_id_lines(text.splitlines(), "f") == [5]
     assert dl.failed_ids_text(text, 5, None) is None                         # nothing left: remove the file
 
@@ -502,7 +510,8 @@ def test_plan_groups_new_sounds_by_licence():
     summary = dl.plan(todo, selected=5, present=2, not_found=[9], daily_cap=2, used_now=1)
     assert summary.by_license == {"CC BY 4.0": dl.LicenseRow(1, 50), "CC0 1.0": dl.LicenseRow(2, 101)}
     assert summary.runs == 2 and summary.new_bytes == 151
-    assert dl.as_json(summary)["by_license"]["CC0 1.0"] == {"sounds": 2, "bytes": 101}  # what --json prints
+    assert dl.as_json(summary) == dataclasses.asdict(summary)  # what --json prints
+    assert dataclasses.asdict(summary)["by_license"]["CC0 1.0"] == {"sounds": 2, "bytes": 101}
     text = summary.text()
     assert "| CC0 1.0 | 2 | 101 B |" in text and "takes 2 runs" in text and "not found on Freesound: 9" in text
 
