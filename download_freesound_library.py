@@ -29,6 +29,14 @@ Exit codes:
     4    stopped at a daily limit with sounds left: re-run after the time shown
     130  interrupted (Ctrl-C); 143 terminated (SIGTERM)
 """
+# Reading this file: pure logic first (parsing, names, pacing arithmetic, the retry
+# decision, reports, metadata), then the I/O built on it. One download, from main() down:
+#   main() maps errors to exit codes -> program() picks the action -> download_library()
+#   locks the output folder, select()s the new sounds -> Downloader runs --jobs workers ->
+#   download_to() -> Api.open_download() -> ApiSession.send(): Limits.acquire() waits for a
+#   slot, then the credential is attached, then decide() judges the answer -> the body
+#   streams to <name>.part with size and md5 checked -> renamed into place, and
+#   Library.record() rewrites metadata.json and ATTRIBUTION.txt.
 from __future__ import annotations
 
 import argparse
@@ -282,7 +290,7 @@ class Config:
 
 
 ###############################################################################
-# Pure: sound IDs and search parameters #######################################
+# Pure: sound IDs and search filters ##########################################
 ###############################################################################
 
 _SOUND_URL_RE = re.compile(
@@ -377,7 +385,7 @@ def batched(items: Sequence[int], size: int) -> Iterator[Sequence[int]]:
 
 
 ###############################################################################
-# Pure: names, licences, URLs #################################################
+# Pure: file names, licences, URLs, folders ###################################
 ###############################################################################
 
 
@@ -486,7 +494,7 @@ def default_state_dir(platform: str, environ: dict, home: Path) -> Path:
 
 
 ###############################################################################
-# Pure: pacing, rolling windows, retries ######################################
+# Pure: pacing, rolling windows, backoff, throttles ###########################
 ###############################################################################
 
 
@@ -559,7 +567,7 @@ def runs_needed(new: int, daily_cap: int, used_now: int) -> int:
 
 
 ###############################################################################
-# Pure: what a request's answer means ##########################################
+# Pure: what a request's answer means #########################################
 ###############################################################################
 
 
@@ -665,7 +673,7 @@ def final_error(status: int, url: str, detail: str, bearer: bool) -> FreesoundDo
 
 
 ###############################################################################
-# Pure: reports ###############################################################
+# Pure: reports, times and sizes ##############################################
 ###############################################################################
 
 
@@ -936,6 +944,11 @@ def failed_ids_text(text: str, sound_id: int, note: str | None) -> str | None:
     return "\n".join(lines) + "\n"
 
 
+###############################################################################
+# Pure: OAuth2 helpers ########################################################
+###############################################################################
+
+
 def parse_pasted_code(text: str, expected_state: str) -> str:
     """The authorization code from a pasted code or redirect URL; checks `state` on URLs."""
     text = text.strip()
@@ -982,7 +995,7 @@ def with_port(uri: str, port: int) -> str:
 
 
 ###############################################################################
-# File I/O ####################################################################
+# File I/O: atomic writes, locks, the ledger, the token #######################
 ###############################################################################
 
 
@@ -1213,7 +1226,7 @@ class TokenStore:
 
 
 ###############################################################################
-# OAuth2 ######################################################################
+# OAuth2: login and refresh ###################################################
 ###############################################################################
 
 
@@ -1658,7 +1671,7 @@ def response_detail(response: requests.Response) -> str:
 
 
 ###############################################################################
-# Freesound client, search and download #######################################
+# Freesound client, and streaming a download to disk ##########################
 ###############################################################################
 
 
@@ -1994,7 +2007,7 @@ class _FileProgress:
 
 
 ###############################################################################
-# Orchestration ###############################################################
+# Orchestration: the library folder, connect, select, download ################
 ###############################################################################
 
 
@@ -2062,8 +2075,9 @@ class Library:
     def record(self, sound: dict, file_name: str, now: float) -> None:
         """Add one sound to metadata.json, then ATTRIBUTION.txt, each replaced atomically.
 
-        Only the new entry is encoded: the others' lines are cached, so a download costs
-        the same in a library of 10 sounds as in one of 10,000."""
+        Only the new entry is encoded (the others' lines are cached), but both files are
+        rewritten and fsynced whole, so the cost grows with the library: measured at about
+        1 ms a call with 10 sounds, 5 ms with 2,000 and 65 ms with 20,000 (18 MB)."""
         with self._write_lock:
             self._record(sound, file_name, now)
 
