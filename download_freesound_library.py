@@ -574,7 +574,7 @@ def runs_needed(new: int, daily_cap: int, used_now: int) -> int:
 class Step(enum.Enum):
     RETURN = "hand the response to the caller"
     RETRY = "send again after delay_s"
-    RESEND = "send again at once with the current token, which another worker or run replaced"
+    RESEND = "send again with the current token, which another worker or run has replaced"
     REFRESH = "refresh the token (once per request), then send again"
     DAY_LIMIT = "stop the run: the credential's day is used up"
     RAISE = "fail with the error"
@@ -1584,27 +1584,27 @@ class ApiSession:
             token = None if preview else self._authenticate(request, url)  # after the wait, never before
             self.limits.check_stop()
             response, answer = self._exchange(request, kind, kwargs)
-            attempt = Attempt(url, kind, number, bearer=token is not None, refreshed=refreshed,
-                              token_replaced=answer.token_rejected and token is not None
-                              and self.oauth.replaced(token))
+            replaced = token is not None and answer.token_rejected and self.oauth.replaced(token)
+            attempt = Attempt(url, kind, number, bearer=token is not None, token_replaced=replaced,
+                              refreshed=refreshed)
+            throttle_wait = self.limits.minute_frees_in(throttle_limit(answer.detail)) if answer.status == 429 else 0
             decision = decide(answer, attempt, self.config.retries,
-                              backoff_delay(number, self.config.backoff, random.random()),
-                              self.limits.minute_frees_in(throttle_limit(answer.detail)) if answer.status == 429
-                              else 0.0)
+                              backoff_delay(number, self.config.backoff, random.random()), throttle_wait)
             if decision.step is Step.RETURN and response is not None:
                 return response
             if response is not None:
                 response.close()
+            if decision.step is Step.RAISE and decision.error is not None:
+                raise decision.error
+            if decision.step is Step.DAY_LIMIT:
+                raise DailyLimitReached(decision.note, self.limits.day_frees_estimate())
+            if decision.step is Step.RETRY:
+                self.ui.info(decision.note)
+                self.limits.pause(decision.delay_s)
             if decision.step is Step.REFRESH and token is not None:
                 refreshed = True
                 self.oauth.refresh(token)
-            elif decision.step is Step.RETRY:
-                self.ui.info(decision.note)
-                self.limits.pause(decision.delay_s)
-            elif decision.step is Step.DAY_LIMIT:
-                raise DailyLimitReached(decision.note, self.limits.day_frees_estimate())
-            elif decision.error is not None:
-                raise decision.error
+            # RESEND needs nothing more: the next turn attaches the current token.
         raise AssertionError("unreachable: the loop returns or raises")
 
     def iter_body(self, response: requests.Response, chunk_size: int) -> Iterator[bytes]:

@@ -29,10 +29,13 @@ def test_no_function_over_60_lines_and_no_class_over_200():
     assert too_long == []
 
 
+OUTSIDE = "../" + "shared"  # the team's notes beside the repository; spelt in two parts so this file is no match
+
+
 def test_nothing_points_outside_the_repository():
     tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    offenders = [name for name in tracked.split() if name != "tests/test_structure.py"
-                 and "../shared" in (ROOT / name).read_text(encoding="utf-8", errors="replace")]
+    offenders = [name for name in tracked.split()
+                 if OUTSIDE in (ROOT / name).read_text(encoding="utf-8", errors="replace")]
     assert offenders == []
 
 
