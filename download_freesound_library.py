@@ -2553,11 +2553,11 @@ def given_sources(args: argparse.Namespace) -> list[str]:
 def action_from_args(args: argparse.Namespace) -> Action:
     """The action the flags ask for (in Action's order), checked against the source."""
     sources = given_sources(args)
+    if args.login and sources:
+        raise UsageError("--login takes no source; it only logs in")
     if args.print_filter:
         return Action.PRINT_FILTER
     if args.login:
-        if sources:
-            raise UsageError("--login takes no source; it only logs in")
         return Action.LOGIN
     if args.bookmarks == "":
         return Action.LIST_BOOKMARKS
