@@ -764,11 +764,11 @@ class Status:
         if self.token_expires_at is None:
             login = f"not logged in: run {PROG} --login"
         else:
-            when = _iso_to_text(self.token_expires_at)
+            when = format_utc(parse_iso(self.token_expires_at))
             login = (f"access token expired {when}; it is refreshed at the next run" if self.token_expired
                      else f"access token valid until {when} (refreshed automatically)")
         slot = window.next_download_slot
-        slot = slot if slot == "now" else _iso_to_text(slot)
+        slot = slot if slot == "now" else format_utc(parse_iso(slot))
         return "\n".join([
             f"credential {self.client_id}:",
             f"  downloads: {window.downloads_used} of {window.daily_cap} used in the rolling 24 hours, "
@@ -778,10 +778,6 @@ class Status:
             f"  login: {login}",
             f"output folder {self.output_dir}: {self.sounds_present} sounds present "
             f"({self.sounds_in_metadata} in metadata.json)"])
-
-
-def _iso_to_text(iso: str) -> str:
-    return iso.replace("T", " ").split(".")[0].rstrip("Z") + " UTC"
 
 
 @dataclasses.dataclass
