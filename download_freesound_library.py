@@ -102,7 +102,7 @@ PAGE_SIZE = 150  # the API's maximum; larger values are silently clamped
 # Everything metadata.json and the file name need, asked for in the same call.
 SEARCH_FIELDS = (
     "id,name,username,license,duration,samplerate,bitdepth,channels,type,"
-    "filesize,md5,tags,description,pack_name,created"
+    "filesize,md5,tags,description,pack_name,created,category,subcategory,gen_ai_preference"
 )
 API_OWNED_KEYS = tuple(SEARCH_FIELDS.split(","))
 
@@ -252,6 +252,8 @@ class Config:
     pack: int | None = None
     user: str | None = None
     bookmark_category: str | None = None  # an id or a name
+    similar_to: int | None = None
+    similarity_space: str | None = None
     filter: str | None = None
     sort: str | None = None
     max: int | None = None
@@ -275,6 +277,7 @@ class Config:
     backoff: float = DEFAULT_BACKOFF_S
     timeout: float = READ_TIMEOUT_S
     wait_lock: bool = False
+    notes: tuple[str, ...] = ()  # told once on stderr before the run, e.g. an ac_ name rewritten
 
     @property
     def download_interval_s(self) -> float:
@@ -345,15 +348,11 @@ def _number(value: float) -> str:
     return f"{value:g}"
 
 
-def build_filter(user_filter: str | None = None, *, licenses: Sequence[str] = (),
-                 min_duration: float | None = None, max_duration: float | None = None,
-                 types: Sequence[str] = (), samplerate: int | None = None, bitdepth: int | None = None,
-                 channels: int | None = None, tags: Sequence[str] = ()) -> str | None:
-    """The helpers' clauses in Solr syntax, ANDed (space-separated) with --filter.
-
-    Licences and types are ORed within their flag, tags ANDed. A --filter with OR in it
-    is put in parentheses, so that the clauses added after it cannot change its meaning.
-    """
+def filter_clauses(*, licenses: Sequence[str] = (), min_duration: float | None = None,
+                   max_duration: float | None = None, types: Sequence[str] = (), samplerate: int | None = None,
+                   bitdepth: int | None = None, channels: int | None = None, tags: Sequence[str] = ()) -> list[str]:
+    """The file-property helpers in Solr syntax: licences and types ORed within their flag,
+    tags ANDed."""
     clauses = []
     if licenses:
         names = " OR ".join(quote_filter_value(LICENSE_FILTER_NAMES[name]) for name in dict.fromkeys(licenses))
@@ -368,10 +367,19 @@ def build_filter(user_filter: str | None = None, *, licenses: Sequence[str] = ()
     for field, value in (("samplerate", samplerate), ("bitdepth", bitdepth), ("channels", channels)):
         if value is not None:
             clauses.append(f"{field}:{value}")
-    clauses += [f"tag:{quote_filter_value(tag)}" for tag in tags]
+    return clauses + [f"tag:{quote_filter_value(tag)}" for tag in tags]
+
+
+def build_filter(user_filter: str | None, clauses: Sequence[str] = ()) -> str | None:
+    """--filter ANDed (space-separated) with the helpers' clauses.
+
+    A --filter with OR in it is put in parentheses, so that the clauses added after it
+    cannot change its meaning; and no descriptor is left directly after a parenthesis
+    (see pad_descriptor_groups)."""
     if user_filter and clauses and " OR " in user_filter and not user_filter.startswith("{!"):
         user_filter = f"({user_filter})"
-    return " ".join(([user_filter] if user_filter else []) + clauses) or None
+    compiled = " ".join(([user_filter] if user_filter else []) + list(clauses))
+    return pad_descriptor_groups(compiled) if compiled else None
 
 
 def id_filter(sound_ids: Sequence[int]) -> str:
@@ -382,6 +390,305 @@ def id_filter(sound_ids: Sequence[int]) -> str:
 def batched(items: Sequence[int], size: int) -> Iterator[Sequence[int]]:
     for start in range(0, len(items), size):
         yield items[start:start + size]
+
+
+###############################################################################
+# Pure: today's search: descriptors, taxonomy, AI preference, sort ############
+###############################################################################
+
+# What Freesound's search knows since November 2025. The server adds a type suffix to a
+# descriptor's name before Solr sees it, and only to a space-separated token that *starts*
+# with the name: `(bpm:1 OR bpm:2)` and `-loopable:true` reach Solr with a bare name and
+# fail with 400. Compiled filters therefore pad such groups, `( bpm:1 OR bpm:2 )`.
+
+
+@dataclasses.dataclass(frozen=True)
+class Descriptor:
+    """A filterable audio descriptor: its kind and documented range (None: open)."""
+
+    name: str
+    kind: str  # "number", "integer", "bool" or "text"
+    low: float | None = None
+    high: float | None = None
+
+    def range_text(self) -> str:
+        return f"{_number(self.low) if self.low is not None else '*'} to " \
+               f"{_number(self.high) if self.high is not None else '*'}"
+
+
+def _descriptors(kind: str, names: str, low: float | None = None, high: float | None = None) -> dict:
+    return {name: Descriptor(name, kind, low, high) for name in names.split()}
+
+
+DESCRIPTORS: dict[str, Descriptor] = {
+    **_descriptors("number", "boominess brightness depth hardness roughness sharpness warmth", 0, 100),
+    **_descriptors("number", "amplitude_peak_ratio bpm_confidence dissonance inharmonicity note_confidence "
+                             "pitch_confidence pitch_salience silence_rate spectral_flatness temporal_centroid "
+                             "temporal_centroid_ratio tonality_confidence zero_crossing_rate", 0, 1),
+    **_descriptors("number", "pitch pitch_max pitch_min spectral_centroid spectral_rolloff", 0, 25000),
+    **_descriptors("number", "bpm duration_effective start_time", 0),
+    **_descriptors("number", "beat_loudness decay_strength dynamic_range hpcp_crest hpcp_entropy log_attack_time "
+                             "loudness pitch_var spectral_complexity spectral_crest spectral_energy "
+                             "spectral_entropy spectral_skewness spectral_spread temporal_decrease "
+                             "temporal_skewness temporal_spread"),
+    **_descriptors("integer", "beat_count onset_count birdnet_detections_count fsdsinet_detections_count", 0),
+    **_descriptors("integer", "note_midi", 0, 127),
+    **_descriptors("bool", "loopable single_event reverbness has_audio_problems"),
+    **_descriptors("text", "note_name tonality category subcategory birdnet_detected_class "
+                           "fsdsinet_detected_class"),
+}
+NOT_FILTERABLE = frozenset("mfcc mfcc_var hpcp hpcp_var tristimulus beat_times onset_times birdnet_detections "
+                           "fsdsinet_detections".split())
+# The AudioCommons names the older guides teach, and what they are called today.
+AC_RENAMES = {
+    "ac_tempo": "bpm", "ac_tempo_confidence": "bpm_confidence", "ac_loop": "loopable",
+    "ac_single_event": "single_event", "ac_note_name": "note_name", "ac_note_midi": "note_midi",
+    "ac_note_confidence": "note_confidence", "ac_tonality": "tonality",
+    "ac_tonality_confidence": "tonality_confidence", "ac_reverb": "reverbness",
+    **{f"ac_{name}": name for name in ("brightness", "depth", "hardness", "roughness", "boominess", "warmth",
+                                       "sharpness", "loudness", "dynamic_range", "temporal_centroid",
+                                       "log_attack_time")},
+}
+AC_RETIRED = {"ac_note_frequency": "pitch (the mean fundamental frequency, in Hz)"}
+
+# The Broad Sound Taxonomy: exact, case-sensitive names in filters. Every category has an "Other".
+TAXONOMY = {
+    "Music": ("Solo percussion", "Solo instrument", "Multiple instruments", "Other"),
+    "Instrument samples": ("Percussion", "String", "Wind", "Piano / Keyboard instruments",
+                           "Synths / Electronic", "Other"),
+    "Speech": ("Solo speech", "Conversation / Crowd", "Processed / Synthetic", "Other"),
+    "Sound effects": ("Objects / House appliances", "Vehicles", "Other mechanisms, engines, machines",
+                      "Human sounds and actions", "Animals", "Natural elements and explosions", "Experimental",
+                      "Electronic / Design", "Other"),
+    "Soundscapes": ("Nature", "Indoors", "Urban", "Synthetic / Artificial", "Other"),
+}
+
+# Each uploader's stated wish for generative-AI training, most permissive first. It is not
+# a licence term. --gen-ai-use X selects the first GEN_AI_USES[X] of them; never no-gen-ai.
+GEN_AI_PREFERENCES = ("no-additional-preferences", "open-source-models", "noncommercial-open-source-models",
+                      "no-gen-ai")
+GEN_AI_USES = {"proprietary": 1, "open-source": 2, "open-source-noncommercial": 3}
+SIMILARITY_SPACES = ("laion_clap", "freesound_classic")
+
+NOTE_NAMES = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")
+_FLATS = {"Db": "C#", "Eb": "D#", "Gb": "F#", "Ab": "G#", "Bb": "A#"}
+_NUMBER = r"-?(?:\d+(?:\.\d*)?|\.\d+)"
+_RANGE_RE = re.compile(rf"(?P<low>{_NUMBER}|\*)?\s*-\s*(?P<high>{_NUMBER}|\*)?")
+_AC_NAME_RE = re.compile(r"(?<![\w.])(ac_[a-z_]+):")
+_SIGNED_FIELD_RE = re.compile(r"(?:^|[\s(])([-+!]([a-z_]+):\S*)")
+_GROUP_FIELD_RE = re.compile(r"\s*([a-z_]+):")
+
+
+def modern_name(name: str) -> tuple[str, str | None]:
+    """Today's name for a descriptor, and the note to show if it was an old `ac_` name."""
+    if name in AC_RETIRED:
+        raise UsageError(f"{name} no longer exists on Freesound and has no successor; use {AC_RETIRED[name]}")
+    if name in AC_RENAMES:
+        return AC_RENAMES[name], f"note: {name} is now called {AC_RENAMES[name]}"
+    return name, None
+
+
+def find_descriptor(name: str) -> Descriptor:
+    """The filterable descriptor called `name`; UsageError naming the closest ones otherwise."""
+    import difflib
+
+    if name in DESCRIPTORS:
+        return DESCRIPTORS[name]
+    if name in NOT_FILTERABLE:
+        raise UsageError(f"the descriptor {name} cannot be used in filters (Freesound does not index it)")
+    close = ([AC_RENAMES[f"ac_{name}"]] if f"ac_{name}" in AC_RENAMES else []) + [
+        match for match in difflib.get_close_matches(name, DESCRIPTORS, n=3, cutoff=0.6)
+        if match != AC_RENAMES.get(f"ac_{name}")]
+    hint = f"; did you mean {' or '.join(close)}?" if close else "; see README.md for the list"
+    raise UsageError(f"unknown descriptor {name!r}{hint}")
+
+
+def _unquoted(text: str) -> str:
+    """`text` with every quoted phrase blanked out, same length: positions stay valid."""
+    return re.sub(r'"(?:[^"\\]|\\.)*"?', lambda m: '"' + " " * (len(m.group()) - 1), text)
+
+
+def modernize_filter(text: str) -> tuple[str, list[str]]:
+    """A user's filter with the old `ac_` names renamed (and a note for each), checked for
+    a descriptor with a sign before it, which the server cannot read."""
+    notes: dict[str, None] = {}
+    for match in reversed(list(_AC_NAME_RE.finditer(_unquoted(text)))):
+        new, note = modern_name(match.group(1))
+        if new == match.group(1):
+            find_descriptor(new)  # an ac_ name we do not know: say what is close
+        text = text[:match.start(1)] + new + text[match.end(1):]
+        notes[note or ""] = None
+    for match in _SIGNED_FIELD_RE.finditer(_unquoted(text)):
+        if match.group(2) in DESCRIPTORS:
+            raise UsageError(f"--filter: Freesound cannot read a descriptor with a sign before it "
+                             f"({text[match.start(1):match.end(1)]}); filter on the opposite value instead, "
+                             f"e.g. loopable:false rather than -loopable:true")
+    return text, [note for note in reversed(notes) if note]
+
+
+def pad_descriptor_groups(text: str) -> str:
+    """`(bpm:1 OR bpm:2)` -> `( bpm:1 OR bpm:2 )`: a descriptor never directly after `(`."""
+    masked, out, padded = _unquoted(text), [], []
+    for index, char in enumerate(text):
+        if masked[index] == "(":
+            field = _GROUP_FIELD_RE.match(masked, index + 1)
+            padded.append(bool(field and field.group(1) in DESCRIPTORS))
+            char = "( " if padded[-1] and not text[index + 1:index + 2].isspace() else char
+        elif masked[index] == ")" and padded:
+            char = " )" if padded.pop() and not text[index - 1:index].isspace() else char
+        out.append(char)
+    return "".join(out)
+
+
+def number_range(text: str, what: str) -> tuple[float | None, float | None]:
+    """`N` (exactly N), `MIN-MAX`, `MIN-` or `-MAX` (open side; `*` works too)."""
+    text = text.strip()
+    if re.fullmatch(_NUMBER, text) and not text.startswith("-"):
+        return float(text), float(text)
+    match = _RANGE_RE.fullmatch(text)
+    low, high = (match.group("low"), match.group("high")) if match else (None, None)
+    if not match or (low in (None, "*") and high in (None, "*")):
+        raise UsageError(f"{what}: expected a number or a range MIN-MAX (either side may be open), got {text!r}")
+    low_value = None if low in (None, "*") else float(low)
+    high_value = None if high in (None, "*") else float(high)
+    if low_value is not None and high_value is not None and low_value > high_value:
+        raise UsageError(f"{what}: {text!r} is an empty range ({_number(low_value)} is above {_number(high_value)})")
+    return low_value, high_value
+
+
+def _check_bounds(descriptor: Descriptor, values: Iterable[float | None], what: str) -> None:
+    for value in values:
+        if value is None:
+            continue
+        if descriptor.kind == "integer" and value != int(value):
+            raise UsageError(f"{what}: {descriptor.name} takes whole numbers, got {_number(value)}")
+        if ((descriptor.low is not None and value < descriptor.low)
+                or (descriptor.high is not None and value > descriptor.high)):
+            raise UsageError(f"{what}: {_number(value)} is outside {descriptor.name}'s range "
+                             f"({descriptor.range_text()})")
+
+
+def descriptor_clause(descriptor: Descriptor, value: str, what: str) -> str:
+    """One descriptor's filter clause for a value: `bpm:120`, `bpm:[118 TO 122]`,
+    `loopable:true`, `note_name:"A4"`. Values are checked against the documented range."""
+    name = descriptor.name
+    if descriptor.kind == "bool":
+        if value.strip().lower() not in ("true", "false"):
+            raise UsageError(f"{what}: {name} is true or false, got {value!r}")
+        return f"{name}:{value.strip().lower()}"
+    if descriptor.kind == "text":
+        return f"{name}:{quote_filter_value(TEXT_CHECKS.get(name, _any_text)(value, what))}"
+    low, high = number_range(value, what)
+    _check_bounds(descriptor, (low, high), what)
+    if low == high:
+        return f"{name}:{_number(low)}"  # type: ignore[arg-type]  # equal, so neither is None
+    return f"{name}:[{'*' if low is None else _number(low)} TO {'*' if high is None else _number(high)}]"
+
+
+def descriptor_option(spec: str) -> tuple[str, list[str]]:
+    """--descriptor NAME=VALUE or NAME=MIN-MAX: its clause, and a note if NAME was an ac_ name."""
+    name, sep, value = spec.partition("=")
+    if not sep or not name.strip() or not value.strip():
+        raise UsageError(f"--descriptor {spec!r}: expected NAME=VALUE or NAME=MIN-MAX, e.g. brightness=70-100")
+    name, note = modern_name(name.strip())
+    return descriptor_clause(find_descriptor(name), value, f"--descriptor {spec}"), [note] if note else []
+
+
+def _any_text(value: str, what: str) -> str:
+    if not value.strip():
+        raise UsageError(f"{what}: the value cannot be empty")
+    return value.strip()
+
+
+def canonical_note(value: str, what: str = "--note") -> str:
+    """`a4`, `Bb3`, `C#-1` -> Freesound's spelling: one of the 12 sharps-only names and an octave."""
+    match = re.fullmatch(r"([A-Ga-g])([#b]?)(-?\d)", value.strip())
+    note = match.group(1).upper() + match.group(2) if match else ""
+    note = _FLATS.get(note, note)
+    if note not in NOTE_NAMES:
+        raise UsageError(f"{what}: {value!r} is not a note name like A4, C#3 or Bb2 (octaves -1 to 9)")
+    return note + match.group(3)  # type: ignore[union-attr]  # a note name implies a match
+
+
+def canonical_key(value: str, what: str = "--tonality") -> str:
+    """`c minor`, `Bb major` -> `C minor`, `A# major`: Freesound's key names."""
+    match = re.fullmatch(r"([A-Ga-g])([#b]?)\s+(major|minor)", value.strip(), re.IGNORECASE)
+    root = match.group(1).upper() + match.group(2) if match else ""
+    root = _FLATS.get(root, root)
+    if root not in NOTE_NAMES:
+        raise UsageError(f"{what}: {value!r} is not a key like \"C minor\" or \"F# major\"")
+    return f"{root} {match.group(3).lower()}"  # type: ignore[union-attr]
+
+
+def _taxonomy_key(name: str) -> str:
+    return re.sub(r"\s*/\s*", "/", " ".join(name.split())).casefold()
+
+
+def canonical_category(value: str, what: str = "--category") -> str:
+    """The exact category name for any capitalisation of it."""
+    for category in TAXONOMY:
+        if _taxonomy_key(category) == _taxonomy_key(value):
+            return category
+    raise UsageError(f"{what}: {value!r} is not a Freesound category; one of: {', '.join(TAXONOMY)}")
+
+
+def canonical_subcategory(value: str, what: str = "--subcategory", category: str | None = None) -> tuple[str, str]:
+    """(category, subcategory) for any capitalisation of a subcategory name, within
+    `category` if given; a name found under several categories needs the category."""
+    places = [(cat, sub) for cat, subs in TAXONOMY.items() if category in (None, cat)
+              for sub in subs if _taxonomy_key(sub) == _taxonomy_key(value)]
+    if len(places) == 1:
+        return places[0]
+    if places:
+        raise UsageError(f"{what}: {places[0][1]!r} is in every category; add --category "
+                         f"(one of: {', '.join(TAXONOMY)})")
+    valid = "; ".join(f"{cat}: {', '.join(subs)}" for cat, subs in TAXONOMY.items() if category in (None, cat))
+    raise UsageError(f"{what}: {value!r} is not a Freesound subcategory{f' of {category}' if category else ''}; "
+                     f"valid: {valid}")
+
+
+TEXT_CHECKS: dict[str, Callable[[str, str], str]] = {
+    "note_name": canonical_note, "tonality": canonical_key, "category": canonical_category,
+    "subcategory": lambda value, what: canonical_subcategory(value, what)[1],
+}
+
+
+def taxonomy_clauses(category: str | None, subcategory: str | None) -> list[str]:
+    """--category and --subcategory as clauses; a subcategory brings its category along."""
+    if category is not None:
+        category = canonical_category(category)
+    if subcategory is not None:
+        category, subcategory = canonical_subcategory(subcategory, category=category)
+    return [f"{field}:{quote_filter_value(value)}"
+            for field, value in (("category", category), ("subcategory", subcategory)) if value is not None]
+
+
+def gen_ai_clause(use: str) -> str:
+    """The preferences that allow training a model of this kind (never `no-gen-ai`)."""
+    allowed = GEN_AI_PREFERENCES[:GEN_AI_USES[use]]
+    return "gen_ai_preference:(" + " OR ".join(quote_filter_value(p) for p in allowed) + ")"
+
+
+def sort_option(text: str) -> tuple[str, list[str]]:
+    """--sort: a named order, or closeness to targets `bpm:120,brightness:80` (numeric
+    descriptors, values in their range); returns it as sent, with notes for ac_ names."""
+    if text in SORT_KEYS:
+        return text, []
+    if ":" not in text:
+        raise UsageError(f"--sort {text!r}: use one of {', '.join(SORT_KEYS)}, "
+                         "or DESCRIPTOR:TARGET[,DESCRIPTOR:TARGET...] such as bpm:120,brightness:80")
+    targets, notes = [], []
+    for pair in text.split(","):
+        name, _, target = pair.strip().partition(":")
+        name, note = modern_name(name.strip())
+        notes += [note] if note else []
+        descriptor = find_descriptor(name)
+        if descriptor.kind not in ("number", "integer") or not re.fullmatch(_NUMBER, target.strip()):
+            raise UsageError(f"--sort {pair.strip()!r}: sort targets are numeric descriptors with a number, "
+                             "e.g. bpm:120")
+        _check_bounds(descriptor, [float(target)], f"--sort {pair.strip()}")
+        targets.append(f"{name}:{_number(float(target))}")
+    return ",".join(targets), notes
 
 
 ###############################################################################
@@ -708,13 +1015,15 @@ class LicenseRow:
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """What --dry-run reports: the new sounds by licence, their size, the daily runs they need."""
+    """What --dry-run reports: the new sounds by licence and by their uploaders' generative-AI
+    preference, their size, the daily runs they need."""
 
     selected: int
     present: int
     new: int
     new_bytes: int
     by_license: dict[str, LicenseRow]
+    by_gen_ai_preference: dict[str, int]
     not_found: list[int]
     daily_cap: int
     downloads_used: int
@@ -726,6 +1035,9 @@ class Plan:
         if self.by_license:
             lines += ["", "| licence | sounds | size |", "|---|---:|---:|"]
             lines += [f"| {name} | {row.sounds} | {format_size(row.bytes)} |" for name, row in self.by_license.items()]
+            lines += ["", "| generative-AI preference (the uploader's wish, not a licence term) | sounds |",
+                      "|---|---:|"]
+            lines += [f"| {name} | {count} |" for name, count in self.by_gen_ai_preference.items()]
             lines.append("")
         lines.append(f"at --daily-cap {self.daily_cap} ({self.downloads_used} used in the last 24 hours) "
                      f"that takes {self.runs} run{'s' if self.runs != 1 else ''}, one a day")
@@ -737,13 +1049,19 @@ class Plan:
 def plan(todo: Sequence[dict], selected: int, present: int, not_found: Sequence[int],
          daily_cap: int, used_now: int) -> Plan:
     by_license: dict[str, LicenseRow] = {}
+    by_gen_ai: dict[str, int] = {}
     for sound in todo:
         name = license_name(str(sound.get("license") or ""))
         row = by_license.get(name, LicenseRow())
         by_license[name] = LicenseRow(row.sounds + 1, row.bytes + int(sound.get("filesize") or 0))
+        preference = str(sound.get("gen_ai_preference") or "not stated")
+        by_gen_ai[preference] = by_gen_ai.get(preference, 0) + 1
+    order = {name: index for index, name in enumerate(GEN_AI_PREFERENCES)}
     return Plan(selected=selected, present=present, new=len(todo),
                 new_bytes=sum(row.bytes for row in by_license.values()),
-                by_license=dict(sorted(by_license.items())), not_found=list(not_found),
+                by_license=dict(sorted(by_license.items())),
+                by_gen_ai_preference=dict(sorted(by_gen_ai.items(), key=lambda item: order.get(item[0], 99))),
+                not_found=list(not_found),
                 daily_cap=daily_cap, downloads_used=used_now, runs=runs_needed(len(todo), daily_cap, used_now))
 
 
@@ -1695,9 +2013,10 @@ class Api:
         except freesound.FreesoundException as exc:
             raise ApiError(exc.code, url, f"{exc.detail} (not Freesound's JSON; a proxy error?)") from None
 
-    def search(self, query: str, filter_: str | None, sort: str | None) -> Iterator[dict]:
-        """Every result of a search, following `next` to the end."""
-        params = {"query": query, "page_size": PAGE_SIZE, "fields": self.fields}
+    def search(self, query: str, filter_: str | None, sort: str | None, **more: Any) -> Iterator[dict]:
+        """Every result of a search, following `next` to the end; `more` are further
+        parameters (similar_to, similarity_space)."""
+        params = {"query": query, "page_size": PAGE_SIZE, "fields": self.fields, **more}
         if filter_ is not None:
             params["filter"] = filter_
         if sort:
@@ -2165,7 +2484,7 @@ def select(config: Config, api: Api, library: Library) -> Selection:
 
 
 def listing(config: Config, api: Api) -> Iterator[dict]:
-    """The sounds of a query, a pack, a user or a bookmark category."""
+    """The sounds of a query, a pack, a user, a bookmark category or a similarity search."""
     if config.pack is not None:
         return api.list_sounds(f"/packs/{config.pack}/sounds/", f"pack {config.pack}")
     if config.user is not None:
@@ -2173,6 +2492,9 @@ def listing(config: Config, api: Api) -> Iterator[dict]:
     if config.bookmark_category is not None:
         category = bookmark_category_id(api, config.bookmark_category)
         return api.list_sounds(f"/me/bookmark_categories/{category}/sounds/", f"bookmark category {category}")
+    if config.similar_to is not None:
+        space = {"similarity_space": config.similarity_space} if config.similarity_space else {}
+        return api.search("", config.filter, config.sort, similar_to=config.similar_to, **space)
     return api.search(config.query or "", config.filter, config.sort)
 
 
@@ -2403,6 +2725,8 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--user", metavar="NAME", help="a user's sounds")
     source.add_argument("--bookmarks", nargs="?", const="", metavar="CATEGORY",
                         help="your bookmarks in this category (id or name); without one, list the categories")
+    source.add_argument("--similar-to", metavar="ID_OR_URL",
+                        help="sounds that sound like this one (closest first; --filter and the helpers apply)")
     _add_selection_flags(parser)
     _add_pacing_flags(parser)
     _add_login_flags(parser)
@@ -2438,9 +2762,32 @@ def _add_selection_flags(parser: argparse.ArgumentParser) -> None:
     helpers.add_argument("--bitdepth", type=int, metavar="BITS")
     helpers.add_argument("--channels", type=int, metavar="N")
     helpers.add_argument("--tag", action="append", default=[], metavar="TAG", help="repeatable; all of them")
+    _add_search_today_flags(helpers)
     helpers.add_argument("--print-filter", action="store_true", help="print the compiled filter and exit")
-    parser.add_argument("--sort", choices=SORT_KEYS, metavar="KEY", help="one of: " + ", ".join(SORT_KEYS))
+    parser.add_argument("--similarity-space", choices=SIMILARITY_SPACES,
+                        help="with --similar-to: " + " or ".join(SIMILARITY_SPACES) + " (default: the first)")
+    parser.add_argument("--sort", metavar="KEY",
+                        help="one of: " + ", ".join(SORT_KEYS) + "; or DESCRIPTOR:TARGET[,DESCRIPTOR:TARGET...], "
+                             "closest first, e.g. bpm:120,brightness:80")
     parser.add_argument("--max", type=int, metavar="N", help="download at most N new sounds this run")
+
+
+def _add_search_today_flags(helpers: argparse._ArgumentGroup) -> None:
+    add = helpers.add_argument
+    add("--bpm", metavar="MIN-MAX", help="tempo: 118-122, or open on one side (120-, -90); "
+        "a single number means exactly that tempo")
+    add("--loop", action="store_true", help="loopable sounds (loopable:true)")
+    add("--single-event", action="store_true", help="sounds with one single event (single_event:true)")
+    add("--note", metavar="NAME", help='estimated note, e.g. A4, C#3 or Bb2 (note_name:"A4"; instrument samples)')
+    add("--tonality", metavar="KEY", help='estimated key, e.g. "C minor" or "F# major"')
+    add("--descriptor", action="append", default=[], metavar="NAME=VALUE|MIN-MAX",
+        help="repeatable; any filterable audio descriptor, e.g. brightness=70-100 or reverbness=false")
+    add("--category", metavar="NAME", help="Broad Sound Taxonomy category, any case, e.g. 'sound effects'")
+    add("--subcategory", metavar="NAME", help="its subcategory, e.g. animals; brings its category along "
+        "('Other' needs --category)")
+    add("--gen-ai-use", choices=list(GEN_AI_USES),
+        help="only sounds whose uploaders allow training models of this kind (their stated wish, "
+             "not a licence term: the licence still applies)")
 
 
 def _add_pacing_flags(parser: argparse.ArgumentParser) -> None:
@@ -2525,7 +2872,8 @@ def check_api_base(url: str) -> str:
     return url
 
 
-def filter_from_args(args: argparse.Namespace) -> str | None:
+def filter_from_args(args: argparse.Namespace) -> tuple[str | None, list[str]]:
+    """The compiled filter, and the notes to show about it (old descriptor names)."""
     if args.filter is not None and not args.filter.strip():
         raise UsageError("--filter is empty (Freesound answers 'Invalid filter'); leave it out instead")
     for name in ("min_duration", "max_duration", "samplerate", "bitdepth", "channels"):
@@ -2536,13 +2884,33 @@ def filter_from_args(args: argparse.Namespace) -> str | None:
         raise UsageError(f"--min-duration {args.min_duration:g} is above --max-duration {args.max_duration:g}")
     if any(not tag.strip() for tag in args.tag):
         raise UsageError("--tag cannot be empty")
-    return build_filter(args.filter, licenses=args.license, min_duration=args.min_duration,
-                        max_duration=args.max_duration, types=args.type, samplerate=args.samplerate,
-                        bitdepth=args.bitdepth, channels=args.channels, tags=args.tag)
+    user_filter, notes = modernize_filter(args.filter) if args.filter is not None else (None, [])
+    clauses = filter_clauses(licenses=args.license, min_duration=args.min_duration,
+                             max_duration=args.max_duration, types=args.type, samplerate=args.samplerate,
+                             bitdepth=args.bitdepth, channels=args.channels, tags=args.tag)
+    return build_filter(user_filter, clauses + search_today_clauses(args, notes)), notes
+
+
+def search_today_clauses(args: argparse.Namespace, notes: list[str]) -> list[str]:
+    """The descriptor, taxonomy and AI-preference helpers as clauses; notes are added to."""
+    named = (("--bpm", "bpm", args.bpm), ("--note", "note_name", args.note),
+             ("--tonality", "tonality", args.tonality))
+    clauses = [descriptor_clause(DESCRIPTORS[name], value, flag) for flag, name, value in named if value is not None]
+    clauses += [clause for flag, clause in (("loop", "loopable:true"), ("single_event", "single_event:true"))
+                if getattr(args, flag)]
+    for spec in args.descriptor:
+        clause, more_notes = descriptor_option(spec)
+        clauses.append(clause)
+        notes += [note for note in more_notes if note not in notes]
+    clauses += taxonomy_clauses(args.category, args.subcategory)
+    return clauses + ([gen_ai_clause(args.gen_ai_use)] if args.gen_ai_use else [])
+
+
+SEARCH_SOURCES = ("query", "similar_to")  # where --filter and the helpers apply
 
 
 def given_sources(args: argparse.Namespace) -> list[str]:
-    return [name for name in ("query", "ids", "ids_file", "pack", "user", "bookmarks")
+    return [name for name in (*SEARCH_SOURCES, "ids", "ids_file", "pack", "user", "bookmarks")
             if getattr(args, name) is not None]
 
 
@@ -2561,7 +2929,7 @@ def action_from_args(args: argparse.Namespace) -> Action:
         return Action.STATUS
     if not sources:
         raise UsageError("give exactly one source: --query TEXT, --ids-file PATH, --ids ID ..., "
-                         "--pack ID, --user NAME or --bookmarks [CATEGORY]")
+                         "--pack ID, --user NAME, --bookmarks [CATEGORY] or --similar-to ID")
     return Action.DRY_RUN if args.dry_run else Action.DOWNLOAD
 
 
@@ -2580,15 +2948,19 @@ def check_numbers(args: argparse.Namespace) -> None:
 def config_from_args(args: argparse.Namespace, environ: dict, stdin=sys.stdin) -> Config:
     """Validate the parsed flags and environment into a Config; raise UsageError on bad input."""
     action = action_from_args(args)
-    compiled = filter_from_args(args)
-    if compiled is not None and set(given_sources(args)) - {"query"}:
-        raise UsageError("--filter and the filter helpers apply to --query only "
+    compiled, notes = filter_from_args(args)
+    if compiled is not None and set(given_sources(args)) - set(SEARCH_SOURCES):
+        raise UsageError("--filter and the filter helpers apply to --query and --similar-to only "
                          '(use --query "" --filter ... to filter all sounds)')
+    sort, sort_notes = sort_option(args.sort) if args.sort is not None else (None, [])
+    if args.similarity_space and args.similar_to is None:
+        raise UsageError("--similarity-space goes with --similar-to")
     check_numbers(args)
     state_dir = args.state_dir or environ.get(ENV_STATE_DIR)
     return Config(
         action=action, query=args.query, ids=read_ids(args, stdin), pack=args.pack, user=args.user,
-        bookmark_category=args.bookmarks or None, filter=compiled, sort=args.sort, max=args.max,
+        bookmark_category=args.bookmarks or None, similar_to=similar_to_id(args.similar_to),
+        similarity_space=args.similarity_space, filter=compiled, sort=sort, max=args.max,
         output_dir=Path(args.output_dir), rate=args.rate, daily_cap=args.daily_cap,
         api_rate=args.api_rate, api_daily_cap=args.api_daily_cap, wait=args.wait, json=args.json,
         sidecars=args.sidecars, previews=args.previews, auth_code=args.auth_code,
@@ -2598,7 +2970,16 @@ def config_from_args(args: argparse.Namespace, environ: dict, stdin=sys.stdin) -
         api_base=check_api_base(environ.get(ENV_API_URL) or DEFAULT_API_BASE),
         state_dir=Path(state_dir) if state_dir else default_state_dir(sys.platform, environ, Path.home()),
         jobs=args.jobs, retries=args.retries, backoff=args.backoff, timeout=args.timeout,
-        wait_lock=args.wait_lock)
+        wait_lock=args.wait_lock, notes=tuple(dict.fromkeys(notes + sort_notes)))
+
+
+def similar_to_id(text: str | None) -> int | None:
+    if text is None:
+        return None
+    sound_id = parse_sound_ref(text)
+    if sound_id is None:
+        raise UsageError(f"--similar-to: not a Freesound sound ID or URL: {text!r}")
+    return sound_id
 
 
 def _raise_terminated(signum, frame) -> None:
@@ -2613,6 +2994,8 @@ def program(config: Config, ui: Ui, stdin) -> ExitCode:
             ui.prompt("\n")  # a piped answer is not echoed: end the prompt line ourselves
         return line
 
+    for note in config.notes:
+        ui.info(note)
     if config.rate > config.api_rate:
         ui.info(f"note: --rate {config.rate:g} is above --api-rate {config.api_rate:g}; "
                 f"downloads will start at most {config.api_rate:g} a minute")

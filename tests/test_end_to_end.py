@@ -486,7 +486,7 @@ def test_metadata_merges_across_runs_and_queries(env):
     (["--query", "a", "--jobs", "0"], "--jobs"),
     (["--query", "a", "--filter", " "], "--filter"),
     (["--query", "a", "--bogus"], "--bogus"),
-    (["--pack", "77", "--license", "cc0"], "--query only"),
+    (["--pack", "77", "--license", "cc0"], "--similar-to only"),
     (["--login", "--query", "a"], "--login takes no source"),
     (["--login", "--redirect-uri", "https://example.com/callback"], "--redirect-uri"),
     (["--query", "a", "--filter", "nosuchfield:1"], "undefined field nosuchfield"),  # the server's 400

@@ -481,7 +481,8 @@ def test_the_ledger_lock_serialises_threads_as_well_as_processes(tmp_path):
      'pack:x license:("Creative Commons 0") tag:"dog"'),
 ])
 def test_build_filter(kwargs, expected):
-    assert dl.build_filter(**kwargs) == expected
+    user_filter = kwargs.pop("user_filter", None)
+    assert dl.build_filter(user_filter, dl.filter_clauses(**kwargs)) == expected
 
 
 def _failed_ids(text: str, sound_id: int, note: str | None) -> str:
