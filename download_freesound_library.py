@@ -126,6 +126,7 @@ PART_SUFFIX = ".part"
 MAX_NAME_BYTES = 255 - len(PART_SUFFIX)
 KNOWN_TYPES = frozenset({"wav", "ogg", "aiff", "mp3", "flac", "m4a", "wv"})
 LEDGER_COMPACT_ROWS = 20000
+PACK_MEMBER = "pack-member"  # a ledger row for a sound that came inside a pack's zip
 USER_AGENT = f"freesound-library-downloader/{__version__}"
 
 ###############################################################################
@@ -774,21 +775,24 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
-_DOWNLOAD_PATH_RE = re.compile(r"/sounds/(\d+)/download/$")
+_DOWNLOAD_PATH_RE = re.compile(r"/(sounds|packs)/(\d+)/download/$")
 
 
 def classify_request(url: str, api_base: str) -> tuple[str, int | None]:
-    """('download', sound_id) for an original's download URL, else ('api', None)."""
+    """('download', sound_id) for an original's download URL, ('pack', pack_id) for a
+    pack's zip, else ('api', None)."""
     base_path = urlsplit(api_base).path.rstrip("/")
     path = urlsplit(url).path
     match = _DOWNLOAD_PATH_RE.fullmatch(path[len(base_path):]) if path.startswith(base_path) else None
-    return ("download", int(match.group(1))) if match else ("api", None)
+    if not match:
+        return "api", None
+    return "download" if match.group(1) == "sounds" else "pack", int(match.group(2))
 
 
 def needs_oauth(url: str, api_base: str) -> bool:
-    """Downloads and the logged-in user's own resources (/me/...) take only OAuth2."""
+    """Downloads, packs' zips and the logged-in user's own resources (/me/...) take only OAuth2."""
     path = urlsplit(url).path[len(urlsplit(api_base).path.rstrip("/")):]
-    return classify_request(url, api_base)[0] == "download" or path.startswith("/me/")
+    return classify_request(url, api_base)[0] in ("download", "pack") or path.startswith("/me/")
 
 
 def default_state_dir(platform: str, environ: dict, home: Path) -> Path:
@@ -902,7 +906,7 @@ class Answer:
 @dataclasses.dataclass(frozen=True)
 class Attempt:
     url: str
-    kind: str                     # "api", "download" or "preview"
+    kind: str                     # "api", "download", "pack" or "preview"
     number: int                   # 1 for the first try
     bearer: bool = False          # sent with the OAuth2 token
     token_replaced: bool = False  # that token has since been replaced by another worker or run
@@ -1005,6 +1009,13 @@ def window_of(download_times: Sequence[float], request_times: Sequence[float], n
                   requests_used=len(times_in_window(request_times, now, DAY_S)), api_daily_cap=api_daily_cap,
                   requests_last_minute=len(times_in_window(request_times, now, MINUTE_S)),
                   next_download_slot=iso_utc(frees) if frees > now else "now")
+
+
+def pack_zip_fits(new: int, selected: int, todo: int, window: Window) -> bool:
+    """Whether a pack comes as one zip: only when all of it is wanted (every sound new, none
+    left for later by --max) and both daily windows have room for it; else sound by sound."""
+    return (2 <= new == selected == todo and new <= window.downloads_left
+            and window.requests_used < window.api_daily_cap)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1505,7 +1516,13 @@ class Ledger:
         self.sync()
 
     def times(self, kind: str | None = None) -> list[float]:
-        return [at for at, row_kind in self.rows if kind is None or row_kind == kind]
+        """When each row of `kind` was added; with no kind, every request (the sounds that
+        came inside a pack's zip are downloads, not requests)."""
+        return [at for at, row_kind in self.rows if (row_kind == kind if kind else row_kind != PACK_MEMBER)]
+
+    def download_times(self) -> list[float]:
+        """What --daily-cap counts: each sound fetched alone or inside a pack's zip."""
+        return [at for at, row_kind in self.rows if row_kind in ("download", PACK_MEMBER)]
 
 
 class TokenStore:
@@ -1771,14 +1788,15 @@ class Limits:
     def window(self) -> Window:
         with self.ledger.locked():
             self.ledger.sync()
-        return window_of(self.ledger.times("download"), self.ledger.times(), self.clock(),
+        return window_of(self.ledger.download_times(), self.ledger.times(), self.clock(),
                          self.config.daily_cap, self.config.api_daily_cap)
 
-    def acquire(self, kind: str, sound_id: int | None) -> None:
-        """Wait for a slot, then record the request in the ledger (retries count too)."""
+    def acquire(self, kind: str, sound_id: int | None, members: Sequence[int] = ()) -> None:
+        """Wait for a slot, then record the request in the ledger (retries count too), and
+        a pack's `members` as downloads."""
         while True:
             self.check_stop()
-            wait = self._take_slot(kind, sound_id)
+            wait = self._take_slot(kind, sound_id, members)
             if wait <= 0:
                 return
             if wait >= 5:
@@ -1794,7 +1812,7 @@ class Limits:
         if self.stop.is_set():
             raise Stopped()
 
-    def _take_slot(self, kind: str, sound_id: int | None) -> float:
+    def _take_slot(self, kind: str, sound_id: int | None, members: Sequence[int]) -> float:
         """Record the request and return 0 if it may start now, else how long to wait.
 
         Decided under the ledger lock, so runs sharing the state folder share the limits.
@@ -1808,31 +1826,33 @@ class Limits:
                 return wait
         with self.ledger.locked():
             self.ledger.sync()
-            self._check_daily(kind)
+            self._check_daily(kind, max(1, len(members)))
             now = self.clock()
             wait = self._wait_needed(kind, now)
             if wait <= 0:
-                self.ledger.append(kind, now, sound_id)
+                self.ledger.append(kind, now, None if kind == "pack" else sound_id)
+                for member in members:
+                    self.ledger.append(PACK_MEMBER, now, member)
             return wait
 
-    def _check_daily(self, kind: str) -> None:
-        """Raise DailyLimitReached if this request would break a rolling 24-hour cap."""
+    def _check_daily(self, kind: str, sounds: int) -> None:
+        """Raise DailyLimitReached if this request (bringing `sounds` sounds, if it is a
+        download) would break a rolling 24-hour cap."""
         now, config = self.clock(), self.config
-        caps: list[tuple[str, str | None, int]] = [("the API daily cap", None, config.api_daily_cap)]
-        if kind == "download":
-            caps.insert(0, ("the daily download cap", "download", config.daily_cap))
-        for label, row_kind, cap in caps:
-            times = self.ledger.times(row_kind)
-            if len(times_in_window(times, now, DAY_S)) >= cap:
-                frees = window_frees_at(times, cap, now, DAY_S)
+        caps = [("the API daily cap", self.ledger.times(), config.api_daily_cap, 1)]
+        if kind in ("download", "pack"):
+            caps.insert(0, ("the daily download cap", self.ledger.download_times(), config.daily_cap, sounds))
+        for label, times, cap, needed in caps:
+            if len(times_in_window(times, now, DAY_S)) + needed > cap:
+                frees = window_frees_at(times, max(1, cap - needed + 1), now, DAY_S)
                 raise DailyLimitReached(f"{label} ({cap} requests per 24 hours)",
                                         dt.datetime.fromtimestamp(frees, dt.timezone.utc))
 
     def _wait_needed(self, kind: str, now: float) -> float:
         per_minute = max(1, int(self.config.api_rate))
         wait = window_frees_at(self.ledger.times(), per_minute, now, MINUTE_S) - now
-        if kind == "download":
-            starts = self.ledger.times("download")
+        if kind in ("download", "pack"):
+            starts = self.ledger.download_times()
             wait = max(wait, pacing_delay(max(starts) if starts else None,
                                           self.config.download_interval_s, now))
         return wait
@@ -1878,15 +1898,17 @@ class ApiSession:
         return self.http.prepare_request(request)
 
     def get(self, url: str, headers: dict | None = None, stream: bool = False,
-            preview: bool = False) -> requests.Response:
+            preview: bool = False, members: Sequence[int] = ()) -> requests.Response:
         import requests
 
         return self.send(self.http.prepare_request(requests.Request("GET", url, headers=headers)),
-                         stream=stream, preview=preview)
+                         stream=stream, preview=preview, members=members)
 
-    def send(self, request: requests.PreparedRequest, preview: bool = False, **kwargs) -> requests.Response:
+    def send(self, request: requests.PreparedRequest, preview: bool = False, members: Sequence[int] = (),
+             **kwargs) -> requests.Response:
         """Send through every rule above. A `preview` is public: it goes without credentials,
-        to whatever https host serves previews, and is paced but not counted by the API."""
+        to whatever https host serves previews, and is paced but not counted by the API. A
+        pack's zip brings `members`, each counted as a download on the first try."""
         url = request.url or ""
         self._check_destination(url, preview)
         kind, sound_id = ("preview", None) if preview else classify_request(url, self.config.api_base)
@@ -1894,7 +1916,7 @@ class ApiSession:
                                                        self.config.timeout))
         refreshed = False
         for number in itertools.count(1):
-            self.limits.acquire(kind, sound_id)
+            self.limits.acquire(kind, sound_id, members if number == 1 else ())
             token = None if preview else self._authenticate(request, url)  # after the wait, never before
             self.limits.check_stop()
             response, answer = self._exchange(request, kind, kwargs)
@@ -2073,18 +2095,25 @@ class Api:
 
     def open_download(self, sound: dict, offset: int, preview: str | None = None) -> requests.Response:
         sound_id = int(sound["id"])
-        headers = {"Accept-Encoding": "identity"}  # byte counts must match the file
-        if offset:
-            headers["Range"] = f"bytes={offset}-"
         url = preview_url(sound, preview) if preview else f"{self.config.api_base}/sounds/{sound_id}/download/"
         if not url:
             raise DownloadError(sound_id, f"Freesound lists no {preview} preview for it")
+        return self._open(url, sound_id, offset, preview=bool(preview))
+
+    def open_pack(self, pack_id: int, offset: int, members: Sequence[int]) -> requests.Response:
+        """A pack's zip of originals; `members` are counted as downloads when it starts."""
+        return self._open(f"{self.config.api_base}/packs/{pack_id}/download/", pack_id, offset, members=members)
+
+    def _open(self, url: str, item_id: int, offset: int, **send: Any) -> requests.Response:
+        headers = {"Accept-Encoding": "identity"}  # byte counts must match the file
+        if offset:
+            headers["Range"] = f"bytes={offset}-"
         try:
-            return self.session.get(url, headers=headers, stream=True, preview=bool(preview))
+            return self.session.get(url, headers=headers, stream=True, **send)
         except NotFound as exc:
-            raise DownloadError(sound_id, f"not available for download ({exc.detail})") from None
+            raise DownloadError(item_id, f"not available for download ({exc.detail})") from None
         except Unavailable as exc:  # another sound may fare better; auth, https, redirects would not
-            raise DownloadError(sound_id, f"HTTP {exc.status or 'error'}: {exc.detail}") from None
+            raise DownloadError(item_id, f"HTTP {exc.status or 'error'}: {exc.detail}") from None
 
 
 _CONTENT_RANGE_RE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
@@ -2122,34 +2151,42 @@ def download_to(api: Api, sound: dict, dest: Path, ui: Ui | _SlotUi,
                 stop: threading.Event | None = None, preview: str | None = None) -> tuple[Path, str]:
     """Stream one original (or preview) to `<dest>.part`; an original's size and md5 are
     checked against its metadata. Returns the .part and the md5 of what arrived."""
-    sound_id = int(sound["id"])
     size = 0 if preview else int(sound.get("filesize") or 0)  # the metadata describes the original
+    part, md5_hex = stream_to_part(lambda offset: api.open_download(sound, offset, preview), api.session,
+                                   dest, size, int(sound["id"]), ui, stop)
+    if not preview:
+        _verify(sound, part, md5_hex)
+    return part, md5_hex
+
+
+def stream_to_part(open_at: Callable[[int], requests.Response], session: ApiSession, dest: Path, size: int,
+                   item_id: int, ui: Ui | _SlotUi, stop: threading.Event | None = None) -> tuple[Path, str]:
+    """Stream a body to `<dest>.part`, resuming what an earlier try left there with Range
+    (`open_at(offset)` sends the request). Returns the .part and the md5 of all of it."""
     part = dest.with_name(dest.name + PART_SUFFIX)
     offset = part.stat().st_size if part.exists() else 0
     if size and offset > size:
         part.unlink()
         offset = 0
-    with api.open_download(sound, offset, preview) as response:
+    with open_at(offset) as response:
         if response.status_code == 416:  # nothing left to send: the .part may be whole
             if not offset:
-                raise DownloadError(sound_id, "the server refused the download (416)")
+                raise DownloadError(item_id, "the server refused the download (416)")
             md5_hex = hash_file(part).hexdigest()
         else:
             if response.headers.get("Content-Type", "").startswith("text/html"):
-                raise DownloadError(sound_id, "got an HTML page instead of the audio file")
+                raise DownloadError(item_id, "got an HTML page instead of the file")
             try:
                 offset = resumed_offset(response.status_code, response.headers.get("Content-Range"),
                                         offset, size)
             except ValueError as exc:
                 part.unlink(missing_ok=True)  # start over rather than trust what we have
-                raise CorruptDownload(sound_id, str(exc)) from None
+                raise CorruptDownload(item_id, str(exc)) from None
             # Hash while streaming; only a resumed file's existing bytes are read back.
             with BackgroundMd5(hash_file(part) if offset else new_md5()) as hasher:
-                _write_body(api.session.iter_body(response, CHUNK_SIZE_BYTES), part, offset, hasher,
+                _write_body(session.iter_body(response, CHUNK_SIZE_BYTES), part, offset, hasher,
                             size, ui, dest.name, stop)
             md5_hex = hasher.hexdigest()
-    if not preview:
-        _verify(sound, part, md5_hex)
     return part, md5_hex
 
 
@@ -2208,6 +2245,45 @@ def _write_body(chunks: Iterable[bytes], part: Path, offset: int, digest: Backgr
                                  "downloaded so far are kept") from None
             digest.update(chunk)
             bar(len(chunk))
+
+
+_MEMBER_ID_RE = re.compile(r"(\d+)__")
+
+
+def unpack_pack(archive: Path, pack_id: int, sounds: Sequence[dict], folder: Path,
+                ui: Ui | _SlotUi) -> tuple[list[tuple[dict, Path]], dict[int, str]]:
+    """Copy each sound out of a pack's zip to `<its file name>.part` in `folder`, checked
+    against the listing's size and md5. A member is found by the sound id its name starts
+    with (`<id>__<user>__<name>.<type>`); its name is never used as a path. Returns the
+    verified (sound, .part) pairs and, for the rest, why."""
+    import zipfile
+
+    try:
+        opened = zipfile.ZipFile(archive)
+    except zipfile.BadZipFile as exc:
+        raise CorruptDownload(pack_id, f"the pack's zip is damaged ({exc})") from None
+    verified, failed = [], {}
+    with opened:
+        members = {int(m.group(1)): info for info in opened.infolist()
+                   if (m := _MEMBER_ID_RE.match(info.filename))}
+        for sound in sounds:
+            sound_id = int(sound["id"])
+            if sound_id not in members:
+                failed[sound_id] = "missing from the pack's zip"
+                continue
+            part = folder / (sound_filename(sound) + PART_SUFFIX)
+            try:
+                with opened.open(members[sound_id]) as source:
+                    digest = new_md5()
+                    _write_body(iter(lambda: source.read(CHUNK_SIZE_BYTES), b""), part, 0, digest,
+                                int(sound.get("filesize") or 0), ui, part.name)
+                _verify(sound, part, digest.hexdigest())
+            except (CorruptDownload, zipfile.BadZipFile) as exc:
+                part.unlink(missing_ok=True)
+                failed[sound_id] = getattr(exc, "reason", None) or f"damaged in the pack's zip ({exc})"
+                continue
+            verified.append((sound, part))
+    return verified, failed
 
 
 def _verify(sound: dict, part: Path, md5_hex: str) -> None:
@@ -2542,7 +2618,12 @@ def download_library(config: Config, conn: Connection, ui: Ui) -> RunReport:
         if todo:
             if not config.previews:  # log in now, before the first download is paced
                 conn.auth.access_token()
-            Downloader(config, conn, library, ui, report).run(todo)
+            downloader = Downloader(config, conn, library, ui, report)
+            if (config.pack is not None and not config.previews
+                    and pack_zip_fits(len(selection.new), selection.selected, len(todo), conn.limits.window())):
+                todo = downloader.download_pack(config.pack, todo)
+            if todo:
+                downloader.run(todo)
         report.window = conn.limits.window()
     return report
 
@@ -2656,23 +2737,28 @@ class Downloader:
             with self._lock:
                 self.report.skipped += 1
             return
-        part, md5_hex = self._download_with_retries(sound, dest, slot)
+        part, md5_hex = self._retrying(
+            lambda: download_to(self.api, sound, dest, self.ui.slot(slot), self.abort, preview),
+            int(sound["id"]), f"sound {sound['id']}")
         if preview:
             sound = {**sound, "filesize": part.stat().st_size, "md5": md5_hex,
                      "type": preview.partition("-")[2], "preview": preview}
+        self._keep(sound, part, name)
+
+    def _keep(self, sound: dict, part: Path, name: str, how: str = "") -> None:
+        """Move a verified .part into place and record it, as one step for Ctrl-C."""
         with signals_deferred():
-            os.replace(part, dest)
+            os.replace(part, self.library.folder / name)
             self.library.record(sound, name, time.time())
         with self._lock:
             self.report.downloaded += 1
-        self.ui.info(f"downloaded {name} ({format_size(int(sound.get('filesize') or 0))})")
+        self.ui.info(f"downloaded {name} ({format_size(int(sound.get('filesize') or 0))}{how})")
 
-    def _download_with_retries(self, sound: dict, dest: Path, slot: int) -> tuple[Path, str]:
+    def _retrying(self, fetch: Callable[[], tuple[Path, str]], item_id: int, what: str) -> tuple[Path, str]:
         """Resume after a dropped connection; after a corrupt file, start over once."""
-        sound_id = int(sound["id"])
         for attempt in range(1, self.config.retries + 2):
             try:
-                return download_to(self.api, sound, dest, self.ui.slot(slot), self.abort, self.config.previews)
+                return fetch()
             except NetworkError as exc:
                 reason = exc.detail
             except CorruptDownload as exc:
@@ -2680,9 +2766,42 @@ class Downloader:
                     raise
                 reason = exc.reason
             if attempt > self.config.retries:
-                raise DownloadError(sound_id, f"{reason}; gave up after {attempt} tries")
-            self.ui.info(f"sound {sound_id}: {reason}; trying again")
+                raise DownloadError(item_id, f"{reason}; gave up after {attempt} tries")
+            self.ui.info(f"{what}: {reason}; trying again")
         raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def download_pack(self, pack_id: int, todo: list[dict]) -> list[dict]:
+        """Fetch a whole pack as one zip (one request; each sound counts as a download),
+        keep every sound that checks out, delete the zip. Returns the sounds still to
+        fetch one by one: those that failed, or all of them if the zip did."""
+        counted = [int(sound["id"]) for sound in todo]
+
+        def open_at(offset: int) -> requests.Response:
+            members = counted.copy()
+            counted.clear()  # the sounds count once, however often the zip is resumed
+            return self.api.open_pack(pack_id, offset, members)
+
+        zip_dest = self.library.folder / f".pack-{pack_id}.zip"
+        self.ui.info(f"pack {pack_id}: all {len(todo)} sounds in one zip")
+        try:
+            archive, _ = self._retrying(lambda: stream_to_part(open_at, self.api.session, zip_dest, 0, pack_id,
+                                                               self.ui.slot(0), self.abort),
+                                        pack_id, f"pack {pack_id}")
+            verified, failed = unpack_pack(archive, pack_id, todo, self.library.folder, self.ui.slot(0))
+        except DailyLimitReached as exc:
+            self.report.stopped = exc
+            self.stop.set()
+            return todo
+        except DownloadError as exc:
+            zip_dest.with_name(zip_dest.name + PART_SUFFIX).unlink(missing_ok=True)
+            self.ui.warn(f"pack {pack_id}: {exc.reason}; fetching its sounds one by one")
+            return todo
+        for sound, part in verified:
+            self._keep(sound, part, part.name[:-len(PART_SUFFIX)], ", from the pack's zip")
+        archive.unlink(missing_ok=True)
+        for sound_id, reason in failed.items():
+            self.ui.info(f"sound {sound_id}: {reason}; fetching it alone")
+        return [sound for sound in todo if int(sound["id"]) in failed]
 
 
 def status_report(config: Config, ui: Ui) -> Status:

@@ -258,3 +258,95 @@ def test_sort_by_closeness_downloads_the_closest_first(env):
         return math.dist((sound.descriptors["bpm"], sound.descriptors["brightness"]), (100, 50)), sound.id
     closest = sorted(env.fake.sounds.values(), key=distance)[:2]
     assert [d["path"] for d in env.fake.downloads()] == [f"/apiv2/sounds/{s.id}/download/" for s in closest]
+
+
+# -- a whole pack in one request ------------------------------------------------------------------
+
+PACK = 77
+PACK_IDS = [1001, 1002, 1003, 1004, 1005]
+
+
+def _make_pack(env) -> None:
+    for sound_id in PACK_IDS:
+        env.fake.sounds[sound_id].pack_id = PACK
+        env.fake.sounds[sound_id].pack_name = "Rain pack"
+
+
+def _assert_library_is_the_pack(env) -> None:
+    assert [e["id"] for e in env.metadata()] == PACK_IDS
+    for entry in env.metadata():
+        assert (env.out / entry["file"]).read_bytes() == env.fake.sounds[entry["id"]].data
+        assert entry["md5"] == env.fake.sounds[entry["id"]].md5
+    credited = (env.out / "ATTRIBUTION.txt").read_text()
+    assert all(f"/s/{i}/" in credited for i in PACK_IDS)
+    assert not [p.name for p in env.out.iterdir() if ".zip" in p.name or p.name.endswith(".part")]
+
+
+def test_a_whole_new_pack_comes_as_one_zip_and_each_sound_counts_as_a_download(env):
+    _make_pack(env)
+    env.login()
+    result = env.run("--pack", str(PACK), "--daily-cap", "5", "--api-daily-cap", "3")
+    assert result.returncode == 0, result.output
+    assert len(env.fake.requests_to(f"/packs/{PACK}/download/")) == 1 and not env.fake.downloads()
+    _assert_library_is_the_pack(env)
+    kinds = [row["kind"] for row in env.ledger()]
+    assert kinds.count("pack") == 1 and sorted(r["sound_id"] for r in env.ledger() if r["kind"] == "pack-member") \
+        == PACK_IDS
+    state = json.loads(env.run("--status", "--json").stdout)["window"]
+    assert state["downloads_used"] == 5 and state["requests_used"] == 2  # the listing and the zip
+    result = env.run("--ids", "1000", "--daily-cap", "5")  # the five sounds filled the daily cap
+    assert result.returncode == 4, result.output
+
+
+def test_a_member_that_fails_verification_is_fetched_alone(env):
+    _make_pack(env)
+    env.fake.corrupt_members.add(1003)
+    env.login()
+    result = env.run("--pack", str(PACK))
+    assert result.returncode == 0, result.output
+    assert [d["path"] for d in env.fake.downloads()] == ["/apiv2/sounds/1003/download/"]
+    assert "sound 1003: md5 mismatch" in result.stderr
+    _assert_library_is_the_pack(env)
+
+
+def test_a_zip_cut_short_is_resumed_with_range_and_its_sounds_count_once(env):
+    _make_pack(env)
+    for sound_id in PACK_IDS:  # big enough for whole 1 MiB chunks to land before the cut
+        env.fake.sounds[sound_id].data = bytes([sound_id % 251]) * 700_000
+    env.fake.pack_drop_after[PACK] = 2_500_000
+    env.login()
+    result = env.run("--pack", str(PACK))
+    assert result.returncode == 0, result.output
+    zips = env.fake.requests_to(f"/packs/{PACK}/download/")
+    assert [z["headers"].get("Range") for z in zips] == [None, f"bytes={2 * 1024 * 1024}-"]
+    assert not env.fake.downloads()
+    _assert_library_is_the_pack(env)
+    assert sum(1 for row in env.ledger() if row["kind"] == "pack-member") == len(PACK_IDS)
+
+
+def test_a_zip_left_by_an_interrupted_run_is_resumed_by_the_next(env):
+    _make_pack(env)
+    env.out.mkdir()
+    (env.out / f".pack-{PACK}.zip.part").write_bytes(env.fake.pack_zip(PACK)[:3000])
+    env.login()
+    result = env.run("--pack", str(PACK))
+    assert result.returncode == 0, result.output
+    assert [z["headers"].get("Range") for z in env.fake.requests_to(f"/packs/{PACK}/download/")] == ["bytes=3000-"]
+    _assert_library_is_the_pack(env)
+
+
+@pytest.mark.parametrize("args, present", [
+    (["--max", "4"], []),               # --max cuts the pack
+    (["--daily-cap", "4"], []),         # the pack does not fit in the daily window
+    ([], [1002]),                       # not all of it is new
+    (["--previews"], []),               # the zip holds originals
+])
+def test_a_pack_that_is_not_wanted_whole_or_does_not_fit_goes_sound_by_sound(env, args, present):
+    _make_pack(env)
+    env.login()
+    if present:
+        assert env.run("--ids", *map(str, present)).returncode == 0
+    result = env.run("--pack", str(PACK), *args)
+    assert result.returncode in (0, 4), result.output
+    assert not env.fake.requests_to(f"/packs/{PACK}/download/")
+    assert len(env.fake.downloads()) + len(env.fake.requests_to("/previews/")) >= 4 - len(present)
