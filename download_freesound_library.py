@@ -70,6 +70,8 @@ from urllib.parse import parse_qs, quote, urlencode, urlsplit
 # requests, freesound, oauthlib and tqdm are imported where they are first needed:
 # `--help`, usage errors and runs with nothing to fetch start without them.
 if TYPE_CHECKING:
+    import zipfile
+
     import requests
 
 __version__ = "0.1.0"
@@ -2160,9 +2162,11 @@ def download_to(api: Api, sound: dict, dest: Path, ui: Ui | _SlotUi,
 
 
 def stream_to_part(open_at: Callable[[int], requests.Response], session: ApiSession, dest: Path, size: int,
-                   item_id: int, ui: Ui | _SlotUi, stop: threading.Event | None = None) -> tuple[Path, str]:
+                   item_id: int, ui: Ui | _SlotUi, stop: threading.Event | None = None,
+                   hashed: bool = True) -> tuple[Path, str]:
     """Stream a body to `<dest>.part`, resuming what an earlier try left there with Range
-    (`open_at(offset)` sends the request). Returns the .part and the md5 of all of it."""
+    (`open_at(offset)` sends the request). Returns the .part and the md5 of all of it
+    ("" unless `hashed`: a pack's zip is checked member by member instead)."""
     part = dest.with_name(dest.name + PART_SUFFIX)
     offset = part.stat().st_size if part.exists() else 0
     if size and offset > size:
@@ -2172,7 +2176,7 @@ def stream_to_part(open_at: Callable[[int], requests.Response], session: ApiSess
         if response.status_code == 416:  # nothing left to send: the .part may be whole
             if not offset:
                 raise DownloadError(item_id, "the server refused the download (416)")
-            md5_hex = hash_file(part).hexdigest()
+            md5_hex = hash_file(part).hexdigest() if hashed else ""
         else:
             if response.headers.get("Content-Type", "").startswith("text/html"):
                 raise DownloadError(item_id, "got an HTML page instead of the file")
@@ -2182,10 +2186,13 @@ def stream_to_part(open_at: Callable[[int], requests.Response], session: ApiSess
             except ValueError as exc:
                 part.unlink(missing_ok=True)  # start over rather than trust what we have
                 raise CorruptDownload(item_id, str(exc)) from None
+            chunks = session.iter_body(response, CHUNK_SIZE_BYTES)
+            if not hashed:
+                _write_body(chunks, part, offset, None, size, ui, dest.name, stop)
+                return part, ""
             # Hash while streaming; only a resumed file's existing bytes are read back.
             with BackgroundMd5(hash_file(part) if offset else new_md5()) as hasher:
-                _write_body(session.iter_body(response, CHUNK_SIZE_BYTES), part, offset, hasher,
-                            size, ui, dest.name, stop)
+                _write_body(chunks, part, offset, hasher, size, ui, dest.name, stop)
             md5_hex = hasher.hexdigest()
     return part, md5_hex
 
@@ -2230,7 +2237,7 @@ class BackgroundMd5:
         self._finish()  # never leave the thread waiting, whatever went wrong
 
 
-def _write_body(chunks: Iterable[bytes], part: Path, offset: int, digest: BackgroundMd5 | hashlib._Hash,
+def _write_body(chunks: Iterable[bytes], part: Path, offset: int, digest: BackgroundMd5 | hashlib._Hash | None,
                 size: int, ui: Ui | _SlotUi, label: str, stop: threading.Event | None = None) -> None:
     with part.open("ab" if offset else "wb") as handle, ui.file_progress(label, size, offset) as bar:
         for chunk in chunks:
@@ -2243,47 +2250,59 @@ def _write_body(chunks: Iterable[bytes], part: Path, offset: int, digest: Backgr
                 part.unlink(missing_ok=True)
                 raise UsageError(f"cannot write {part}: {exc.strerror or exc}; the files and metadata "
                                  "downloaded so far are kept") from None
-            digest.update(chunk)
+            if digest is not None:
+                digest.update(chunk)
             bar(len(chunk))
 
 
 _MEMBER_ID_RE = re.compile(r"(\d+)__")
 
 
-def unpack_pack(archive: Path, pack_id: int, sounds: Sequence[dict], folder: Path,
-                ui: Ui | _SlotUi) -> tuple[list[tuple[dict, Path]], dict[int, str]]:
+def unpack_pack(archive: Path, pack_id: int, sounds: Sequence[dict], folder: Path, ui: Ui | _SlotUi,
+                jobs: int = 1) -> tuple[list[tuple[dict, Path]], dict[int, str]]:
     """Copy each sound out of a pack's zip to `<its file name>.part` in `folder`, checked
-    against the listing's size and md5. A member is found by the sound id its name starts
-    with (`<id>__<user>__<name>.<type>`); its name is never used as a path. Returns the
-    verified (sound, .part) pairs and, for the rest, why."""
+    against the listing's size and md5, `jobs` at a time (md5 is most of the work, and
+    hashlib runs outside the GIL). A member is found by the sound id its name starts with
+    (`<id>__<user>__<name>.<type>`); its name is never used as a path. Returns the verified
+    (sound, .part) pairs in `sounds`' order and, for the rest, why."""
     import zipfile
+    from concurrent.futures import ThreadPoolExecutor
 
     try:
         opened = zipfile.ZipFile(archive)
     except zipfile.BadZipFile as exc:
         raise CorruptDownload(pack_id, f"the pack's zip is damaged ({exc})") from None
-    verified, failed = [], {}
-    with opened:
+    with opened, ThreadPoolExecutor(max_workers=jobs) as pool:
         members = {int(m.group(1)): info for info in opened.infolist()
                    if (m := _MEMBER_ID_RE.match(info.filename))}
-        for sound in sounds:
-            sound_id = int(sound["id"])
-            if sound_id not in members:
-                failed[sound_id] = "missing from the pack's zip"
-                continue
-            part = folder / (sound_filename(sound) + PART_SUFFIX)
-            try:
-                with opened.open(members[sound_id]) as source:
-                    digest = new_md5()
-                    _write_body(iter(lambda: source.read(CHUNK_SIZE_BYTES), b""), part, 0, digest,
-                                int(sound.get("filesize") or 0), ui, part.name)
-                _verify(sound, part, digest.hexdigest())
-            except (CorruptDownload, zipfile.BadZipFile) as exc:
-                part.unlink(missing_ok=True)
-                failed[sound_id] = getattr(exc, "reason", None) or f"damaged in the pack's zip ({exc})"
-                continue
-            verified.append((sound, part))
+        failures = list(pool.map(lambda sound: _unpack_member(opened, members.get(int(sound["id"])), sound,
+                                                              folder, ui), sounds))
+    verified = [(sound, folder / (sound_filename(sound) + PART_SUFFIX))
+                for sound, failure in zip(sounds, failures, strict=True) if failure is None]
+    failed = {int(sound["id"]): failure for sound, failure in zip(sounds, failures, strict=True) if failure}
     return verified, failed
+
+
+def _unpack_member(opened: zipfile.ZipFile, member: zipfile.ZipInfo | None, sound: dict, folder: Path,
+                   ui: Ui | _SlotUi) -> str | None:
+    """One sound out of the zip into its .part; None when it checks out, else why not."""
+    import zipfile
+
+    if member is None:
+        return "missing from the pack's zip"
+    part = folder / (sound_filename(sound) + PART_SUFFIX)
+    digest = new_md5()
+    try:
+        with opened.open(member) as source:
+            _write_body(iter(lambda: source.read(CHUNK_SIZE_BYTES), b""), part, 0, digest,
+                        int(sound.get("filesize") or 0), ui, part.name)
+        _verify(sound, part, digest.hexdigest())
+    except CorruptDownload as exc:
+        return exc.reason
+    except zipfile.BadZipFile as exc:  # a CRC that does not match, a truncated member
+        part.unlink(missing_ok=True)
+        return f"damaged in the pack's zip ({exc})"
+    return None
 
 
 def _verify(sound: dict, part: Path, md5_hex: str) -> None:
@@ -2785,9 +2804,10 @@ class Downloader:
         self.ui.info(f"pack {pack_id}: all {len(todo)} sounds in one zip")
         try:
             archive, _ = self._retrying(lambda: stream_to_part(open_at, self.api.session, zip_dest, 0, pack_id,
-                                                               self.ui.slot(0), self.abort),
+                                                               self.ui.slot(0), self.abort, hashed=False),
                                         pack_id, f"pack {pack_id}")
-            verified, failed = unpack_pack(archive, pack_id, todo, self.library.folder, self.ui.slot(0))
+            verified, failed = unpack_pack(archive, pack_id, todo, self.library.folder, self.ui.slot(0),
+                                           self.config.jobs)
         except DailyLimitReached as exc:
             self.report.stopped = exc
             self.stop.set()

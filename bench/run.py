@@ -187,6 +187,31 @@ def transfer_rows(scratch: Path, size: int, runs: int) -> list[Row]:
         return rows
 
 
+def pack_rows(scratch: Path, sound_size: int, runs: int) -> list[Row]:
+    """A 20-sound pack, all new, at the default --rate: one zip against sound by sound."""
+    sounds = [FakeSound(id=400_000 + n, name=f"take {n}.wav", username="bench", pack_id=4, pack_name="Bench pack",
+                        data=os.urandom(sound_size)) for n in range(20)]
+    ids = [str(sound.id) for sound in sounds]
+    with FakeFreesound(sounds) as fake:
+        bench = Session(fake, scratch)
+        zip_size = len(fake.pack_zip(4))  # built once here, not inside a timed run
+        requests = [bench.requests_per_sound(bench.ours("--pack", "4"), 1) for _ in range(runs)]
+        one_by_one = [bench.requests_per_sound(bench.ours("--ids", *ids, "--rate", "600000", "--api-rate", "600000"),
+                                               1) for _ in range(runs)]
+        rows = [Row("API requests, 20-sound pack", "req", requests, one_by_one, "sound by sound", "≤ 3",
+                    statistics.median(requests) <= 3)]
+        ours_s = [bench.run(bench.ours("--pack", "4")) for _ in range(runs)]
+        curl, curl_s = shutil.which("curl"), []
+        for _ in range(runs if curl else 0):
+            out = Path(tempfile.mkdtemp(dir=scratch)) / "pack.zip"
+            curl_s.append(bench.run([str(curl), "-sf", "-o", str(out), "-H", f"Authorization: Bearer {bench.token}",
+                                     f"{fake.url}/packs/4/download/"]))
+        met = bool(curl_s) and statistics.median(ours_s) <= 1.5 * statistics.median(curl_s)
+        rows.append(Row(f"wall time, 20-sound pack at the default --rate ({zip_size >> 20} MiB zip vs one curl GET)",
+                        "s", ours_s, curl_s, "curl", "≤ 1.5 × curl", met))
+        return rows
+
+
 def startup_row(runs: int) -> Row:
     def timed(argv: list[str]) -> float:
         started = time.perf_counter()
@@ -244,11 +269,11 @@ def main() -> int:
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         return 0
-    sounds, downloads, size = (20, 8, 8 << 20) if args.quick else (300, 40, 1 << 30)
+    sounds, downloads, size, pack_sound = (20, 8, 8 << 20, 64 << 10) if args.quick else (300, 40, 1 << 30, 16 << 20)
     scratch = Path(tempfile.mkdtemp(prefix="freesound-bench-"))
     try:
         rows = [*economy_rows(scratch, sounds, runs), *pacing_rows(scratch, downloads, runs),
-                *transfer_rows(scratch, size, runs), startup_row(max(runs, 5))]
+                *transfer_rows(scratch, size, runs), *pack_rows(scratch, pack_sound, runs), startup_row(max(runs, 5))]
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     print(f"Measured {time.strftime('%Y-%m-%d')} on {os.cpu_count()} cores, median [min–max] of {runs} run(s).\n")

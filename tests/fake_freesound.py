@@ -420,6 +420,7 @@ class FakeFreesound:
         self.drop_after: dict[int, int] = {}      # sound id -> bytes to send before dropping
         self.pack_drop_after: dict[int, int] = {}  # pack id -> bytes of its zip to send before dropping
         self.corrupt_members: set[int] = set()     # sound ids whose bytes are zeroed inside pack zips
+        self._zips: dict[int, bytes] = {}
         self.download_delay_s = 0.0
         self.chaos: Chaos | None = None
         self.token_delay_s = 0.0  # widens the window in which two refreshes could race
@@ -494,7 +495,13 @@ class FakeFreesound:
     def pack_zip(self, pack_id: int) -> bytes:
         """The zip /packs/<id>/download/ serves: `_readme_and_license.txt`, then each moderated
         sound's original under its friendly filename, stored (nginx mod_zip does not compress).
-        Sounds in `corrupt_members` go in with the right length and the wrong bytes."""
+        Sounds in `corrupt_members` go in with the right length and the wrong bytes. Built once
+        per pack: set the pack's sounds up before the first request for it."""
+        if pack_id not in self._zips:
+            self._zips[pack_id] = self._build_zip(pack_id)
+        return self._zips[pack_id]
+
+    def _build_zip(self, pack_id: int) -> bytes:
         import io
         import zipfile
 
