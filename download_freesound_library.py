@@ -20,6 +20,8 @@ carries on where it stopped, never downloading a sound twice.
 Examples:
     download_freesound_library.py -q "rain" -f 'license:"Creative Commons 0" duration:[1 TO 30]'
     download_freesound_library.py --ids-file my_ids.txt --max 100
+    download_freesound_library.py -q drums --bpm 118-122 --loop --license cc0
+    download_freesound_library.py --similar-to https://freesound.org/s/1234/ --gen-ai-use open-source
 
 Exit codes:
     0    everything selected is present (or --max reached, or --dry-run / --login done)

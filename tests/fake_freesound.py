@@ -14,12 +14,17 @@ and point the downloader at it with FREESOUND_API_URL=http://127.0.0.1:8765/apiv
 What it reproduces: the OAuth2 authorize/token endpoints (10-minute single-use codes,
 optional PKCE, rotating refresh tokens, invalid_grant / invalid_client), search with the
 real `next` links and page rules, the `id:(...)` filter and a useful subset of Solr
-filter syntax, sound instances, original downloads (Bearer only, Content-Disposition,
-Range), per-credential rolling throttles with the real 429 bodies and no Retry-After,
-and the real 401/404 bodies. A refresh revokes the old access token at once, and
+filter syntax as the server rewrites it (type suffixes only on words that start with a
+descriptor's name: `(bpm:1 OR bpm:2)` is an undefined field, and so are the old `ac_`
+names), today's descriptors, taxonomy and AI preferences, `similar_to` with cosine
+similarity over `FakeSound.vectors`, sorting by closeness to descriptor targets, sound
+instances, original downloads and pack zips (Bearer only, Content-Disposition, Range),
+per-credential rolling throttles with the real 429 bodies and no Retry-After, and the
+real 401/404 bodies. A refresh revokes the old access token at once, and
 `fake.access_lifetime_s` makes tokens short-lived. Fault injection: `fake.inject(...)`
-queues one-shot responses for matching requests, `fake.drop_after` cuts download bodies
-short. Every request is logged in `fake.requests` with its arrival time, and once
+queues one-shot responses for matching requests, `fake.drop_after` and
+`fake.pack_drop_after` cut download and zip bodies short, `fake.corrupt_members` zeroes
+sounds inside pack zips. Every request is logged in `fake.requests` with its arrival time, and once
 answered, its status and `answered_at`: tests use that log as their clock.
 """
 from __future__ import annotations
