@@ -212,6 +212,73 @@ def pack_rows(scratch: Path, sound_size: int, runs: int) -> list[Row]:
         return rows
 
 
+def make_library(folder: Path, size: int) -> list[str]:
+    """A library of `size` sounds as the program leaves it: tiny audio files, metadata.json
+    one sound per line (about 740 bytes each, like real entries), ATTRIBUTION.txt."""
+    sys.path.insert(0, str(ROOT))
+    from download_freesound_library import attribution_text, metadata_line, metadata_text
+
+    folder.mkdir(parents=True)
+    entries = []
+    for n in range(size):
+        sound_id, name = 10_000_000 + n, f"{10_000_000 + n}__recordist-{n % 97}__take-{n}.wav"
+        (folder / name).write_bytes(b"RIFF")
+        entries.append({
+            "id": sound_id, "name": f"Take {n}.wav", "username": f"recordist {n % 97}", "file": name,
+            "license": "https://creativecommons.org/licenses/by/4.0/", "license_name": "CC BY 4.0",
+            "url": f"https://freesound.org/s/{sound_id}/", "duration": 12.5, "samplerate": 48000.0,
+            "bitdepth": 24, "channels": 2, "type": "wav", "filesize": 4, "md5": "0" * 32,
+            "tags": ["field-recording", "rain", "roof", "tin", "storm", "night", "zoom-h6"],
+            "description": "Rain on a tin roof at night, recorded with a pair of omnis. " * 5,
+            "pack_name": "Storms", "created": "2020-01-02T03:04:05Z", "category": "Soundscapes",
+            "subcategory": "Nature", "gen_ai_preference": "no-additional-preferences",
+            "downloaded_at": "2026-01-01T00:00:00Z"})
+    (folder / "metadata.json").write_text(metadata_text(metadata_line(e) for e in entries))
+    (folder / "ATTRIBUTION.txt").write_text(attribution_text(entries))
+    return [str(e["id"]) for e in entries]
+
+
+def library_rows(scratch: Path, size: int, runs: int) -> list[Row]:
+    """What a download adds to a big library, a run with nothing new, and peak RSS."""
+    new = make_sounds(30, start_id=500_000, size=1024)
+    with FakeFreesound(new) as fake:
+        bench = Session(fake, scratch)
+        big = scratch / "big-library"
+        ids = make_library(big, size)
+        (scratch / "library-ids.txt").write_text("\n".join(ids) + "\n")
+        fast = ["--rate", "6000000", "--api-rate", "6000000", "--jobs", "1"]
+
+        def into(library: Path | None, *args: str) -> list[str]:
+            """Our argv, its output folder a hard-linked copy of `library`: each run starts alike."""
+            argv = bench.ours(*args)
+            if library is not None:
+                out = Path(argv[argv.index("--output-dir") + 1])
+                shutil.rmtree(out)
+                shutil.copytree(library, out, copy_function=os.link)
+            return argv
+
+        def per_download_ms(library: Path | None) -> float:
+            many, one = (bench.run(into(library, "--ids", *[str(s.id) for s in new[:count]], *fast))
+                         for count in (30, 1))
+            return (many - one) / 29 * 1000
+
+        empty = [per_download_ms(None) for _ in range(runs)]
+        loaded = [per_download_ms(big) for _ in range(runs)]
+        goal = 1.3 * statistics.median(empty) + 5
+        ids_file = str(scratch / "library-ids.txt")
+        nothing_new = [bench.run(into(big, "--ids-file", ids_file)) for _ in range(runs)]
+        rss = [bench.peak_rss_mib(into(big, "--ids-file", ids_file)) for _ in range(runs)]
+        rss.append(bench.peak_rss_mib(into(big, "--ids", *[str(s.id) for s in new], *fast)))
+        return [
+            Row(f"ms a download adds, {size}-sound library vs empty folder", "ms", loaded, empty, "empty folder",
+                f"≤ 1.3 × empty + 5 ms ({goal:.3g})", statistics.median(loaded) <= goal),
+            Row(f"run with nothing new, {size}-sound library", "s", nothing_new, [], "", "≤ 0.5 s",
+                statistics.median(nothing_new) <= 0.5),
+            Row(f"peak RSS, {size}-sound library (nothing new; 30 new)", "MiB", rss, [], "", "≤ 80 MiB",
+                max(rss) <= 80),
+        ]
+
+
 def startup_row(runs: int) -> Row:
     def timed(argv: list[str]) -> float:
         started = time.perf_counter()
@@ -269,11 +336,13 @@ def main() -> int:
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         return 0
-    sounds, downloads, size, pack_sound = (20, 8, 8 << 20, 64 << 10) if args.quick else (300, 40, 1 << 30, 16 << 20)
+    sounds, downloads, size, pack_sound, library = ((20, 8, 8 << 20, 64 << 10, 500) if args.quick
+                                                    else (300, 40, 1 << 30, 16 << 20, 20_000))
     scratch = Path(tempfile.mkdtemp(prefix="freesound-bench-"))
     try:
         rows = [*economy_rows(scratch, sounds, runs), *pacing_rows(scratch, downloads, runs),
-                *transfer_rows(scratch, size, runs), *pack_rows(scratch, pack_sound, runs), startup_row(max(runs, 5))]
+                *transfer_rows(scratch, size, runs), *pack_rows(scratch, pack_sound, runs),
+                *library_rows(scratch, library, runs), startup_row(max(runs, 5))]
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     print(f"Measured {time.strftime('%Y-%m-%d')} on {os.cpu_count()} cores, median [min–max] of {runs} run(s).\n")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 from pathlib import Path
 
 import pytest
@@ -217,12 +218,31 @@ def test_metadata_entry_has_every_documented_key():
     assert entry["url"] == "https://freesound.org/s/7/"
 
 
-def test_merge_metadata_adds_sorted_updates_in_place_and_keeps_user_keys():
-    old = [{"id": 9, "name": "b"}, {"id": 2, "name": "a", "my_note": "keep me"}]
-    merged = dl.merge_metadata(old, {"id": 2, "name": "a2"})
-    assert merged == [{"id": 2, "name": "a2", "my_note": "keep me"}, {"id": 9, "name": "b"}]
-    merged = dl.merge_metadata(merged, {"id": 5, "name": "c"})
-    assert [e["id"] for e in merged] == [2, 5, 9]
+def test_fold_metadata_merges_updates_keeps_user_keys_and_unchanged_lines_and_sorts():
+    old = [{"id": 2, "name": "a", "my_note": "keep me"}, {"id": 4, "name": "gone"}, {"id": 9, "name": "b"},
+           {"id": 9, "name": "b twice"}]
+    existing = [(entry, f"  as written {entry['id']}") for entry in old]
+    updates = {12: {"id": 12, "name": "d"}, 2: {"id": 2, "name": "a2"}, 5: {"id": 5, "name": "c"},
+               1: {"id": 1, "name": "z"}}
+    credits: list[dict] = []
+    lines = list(dl.fold_metadata(existing, updates, {4, 1}, credits))
+    assert lines == [dl.metadata_line({"id": 2, "name": "a2", "my_note": "keep me"}),
+                     dl.metadata_line({"id": 5, "name": "c"}), "  as written 9", dl.metadata_line(updates[12])]
+    assert [c["id"] for c in credits] == [2, 5, 9, 12]
+
+
+def test_journal_updates_merge_later_lines_and_skip_a_torn_one():
+    lines = [b'{"id": 3, "name": "a", "file": "x"}\n', b'{"id": 3, "name": "b"}\n', b'{"id": 4, "na']
+    assert dl.journal_updates(lines) == {3: {"id": 3, "name": "b", "file": "x"}}
+
+
+def test_iter_metadata_reads_our_layout_line_by_line_and_any_other_whole(tmp_path):
+    path = tmp_path / "metadata.json"
+    entries = [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]
+    path.write_text(dl.metadata_text(dl.metadata_line(e) for e in entries))
+    assert [(e, line) for e, line in dl.iter_metadata(path)] == [(e, dl.metadata_line(e)) for e in entries]
+    path.write_text(json.dumps(entries, indent=4))  # a teammate's editor
+    assert [e for e, _ in dl.iter_metadata(path)] == entries
 
 
 def test_attribution_groups_by_licence_with_the_credit_header():

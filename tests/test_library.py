@@ -1,0 +1,92 @@
+"""The library over months: metadata.json kept whole by a journal, at any size and any exit."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import FAST, SCRIPT
+
+import download_freesound_library as dl
+
+IDS = ["1000", "1001", "1002", "1003", "1004", "1005"]
+
+
+def _assert_whole(env) -> list[dict]:
+    """metadata.json parses, is sorted, records every audio file on disk, and no journal is left."""
+    entries = env.metadata()
+    ids = [e["id"] for e in entries]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    finals = [n for n in env.audio_files() if not n.endswith(".part")]
+    assert sorted(finals) == sorted(e["file"] for e in entries)
+    assert not (env.out / dl.Library.JOURNAL_NAME).exists()
+    credited = (env.out / "ATTRIBUTION.txt").read_text()
+    assert all(f"/s/{i}/" in credited for i in ids)
+    return entries
+
+
+@pytest.mark.parametrize("code, setup, args", [
+    (1, lambda fake: setattr(fake.sounds[1003], "moderated", False), []),
+    (4, lambda fake: None, ["--daily-cap", "3"]),
+    (2, lambda fake: fake.inject(r"/sounds/\d+/download/", 403,
+                                 {"detail": "This resource requires a secure connection (https)"}, after=3), []),
+])
+def test_metadata_json_is_whole_and_sorted_at_every_exit(env, code, setup, args):
+    setup(env.fake)
+    env.login()
+    result = env.run("--ids", *reversed(IDS), "--jobs", "1", *args)
+    assert result.returncode == code, result.output
+    assert len(_assert_whole(env)) == 3 if code in (2, 4) else 5
+
+
+def test_after_kill_9_the_journal_keeps_every_record_and_the_next_run_folds_it(env):
+    env.login()
+    env.fake.download_delay_s = 0.3
+    argv = [sys.executable, str(SCRIPT), *FAST, "--jobs", "1", "--ids", *IDS, "--output-dir", str(env.out)]
+    proc = subprocess.Popen(argv, env=env.environ, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 20
+    journal = env.out / dl.Library.JOURNAL_NAME
+    while (not journal.exists() or journal.read_text().count("\n") < 3) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+    recorded = [json.loads(line)["id"] for line in journal.read_text().splitlines()]
+    assert len(recorded) >= 3 and not (env.out / "metadata.json").exists()  # not folded: killed
+    env.fake.download_delay_s = 0
+    dry = env.run("--ids", *IDS, "--dry-run")  # a dry run reads the journal as well
+    assert f"{len(recorded)} already present" in dry.stdout, dry.output
+    downloads_before = len(env.fake.downloads())
+    result = env.run("--ids", *IDS)
+    assert result.returncode == 0, result.output
+    assert len(env.fake.downloads()) - downloads_before <= len(IDS) - len(recorded)  # none fetched twice
+    assert [e["id"] for e in _assert_whole(env)] == list(map(int, IDS))
+
+
+def test_the_journal_is_folded_at_least_every_thirty_seconds(tmp_path, monkeypatch):
+    library = dl.Library(tmp_path)
+    clock = [1000.0]
+    monkeypatch.setattr(dl.time, "monotonic", lambda: clock[0])
+    sound = {"id": 5, "name": "a.wav", "username": "u", "license": "", "filesize": 1, "md5": "0" * 32}
+    with library.locked(wait=False, ui=dl.Ui(quiet=True)):
+        library._folded_at = clock[0]
+        library.record(sound, "5__u__a.wav", time.time())
+        assert not (tmp_path / "metadata.json").exists()  # journaled only
+        clock[0] += dl.Library.FOLD_EVERY_S
+        library.record({**sound, "id": 6}, "6__u__a.wav", time.time())
+        assert [e["id"] for e in json.loads((tmp_path / "metadata.json").read_text())] == [5, 6]
+        assert not (tmp_path / dl.Library.JOURNAL_NAME).exists()
+
+
+def test_a_metadata_json_in_another_layout_is_read_and_rewritten_sorted(env):
+    env.login()
+    assert env.run("--ids", "1004", "1001").returncode == 0
+    entries = env.metadata()
+    (env.out / "metadata.json").write_text(json.dumps(list(reversed(entries)), indent=4))  # a teammate's editor
+    result = env.run("--ids", "1004", "1001", "1002")
+    assert result.returncode == 0, result.output
+    assert len(env.fake.downloads()) == 3  # 1004 and 1001 were known in that layout too
+    assert [e["id"] for e in _assert_whole(env)] == [1001, 1002, 1004]
+    assert (env.out / "metadata.json").read_text().splitlines()[1].startswith('  {"')  # our layout again
