@@ -240,6 +240,7 @@ class Action(enum.Enum):
 
     PRINT_FILTER = "print the compiled filter"
     LOGIN = "log in"
+    LOGOUT = "forget the stored token and credentials"
     LIST_BOOKMARKS = "list bookmark categories"
     STATUS = "report the windows, login and library"
     DRY_RUN = "plan, download nothing"
@@ -1640,6 +1641,41 @@ class TokenStore:
         ensure_private_dir(self.path.parent)
         write_json_atomic(self.path, token, mode=0o600)
         return token
+
+
+CREDENTIALS_NAME = "credentials.json"
+
+
+def load_credentials(state_dir: Path) -> dict[str, str]:
+    """The client id and secret --login stored (mode 0600), or {} if there are none."""
+    path = state_dir / CREDENTIALS_NAME
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (ValueError, UnicodeDecodeError, OSError) as exc:
+        raise UsageError(f"{path} is unreadable ({exc}); run --logout, then --login again") from None
+    if not isinstance(stored, dict):
+        raise UsageError(f"{path} is not what --login writes; run --logout, then --login again")
+    return {key: str(stored[key]) for key in ("client_id", "client_secret") if stored.get(key)}
+
+
+def save_credentials(state_dir: Path, client_id: str, client_secret: str) -> Path:
+    """Keep the credentials a login used, so that cron and systemd need no secrets of their own."""
+    ensure_private_dir(state_dir)
+    path = state_dir / CREDENTIALS_NAME
+    write_json_atomic(path, {"client_id": client_id, "client_secret": client_secret}, mode=0o600)
+    return path
+
+
+def log_out(state_dir: Path) -> list[Path]:
+    """Remove the stored token and credentials; returns what was there."""
+    removed = []
+    for path in (state_dir / "token.json", state_dir / CREDENTIALS_NAME):
+        if path.exists():
+            path.unlink()
+            removed.append(path)
+    return removed
 
 
 ###############################################################################
@@ -3113,7 +3149,9 @@ def _add_pacing_flags(parser: argparse.ArgumentParser) -> None:
 
 def _add_login_flags(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
-    add("--login", action="store_true", help="log in, store the token, exit")
+    add("--login", action="store_true",
+        help="log in, store the token and the client id and secret it used (mode 0600), exit")
+    add("--logout", action="store_true", help="remove the stored token and credentials, exit")
     add("--auth-code", metavar="CODE",
         help="exchange this authorization code instead of prompting (also with --dry-run)")
     add("--redirect-uri", metavar="URI",
@@ -3218,10 +3256,14 @@ def action_from_args(args: argparse.Namespace) -> Action:
     sources = given_sources(args)
     if args.login and sources:
         raise UsageError("--login takes no source; it only logs in")
+    if args.logout and (sources or args.login):
+        raise UsageError("--logout takes no source and no --login; it only forgets the stored login")
     if args.print_filter:
         return Action.PRINT_FILTER
     if args.login:
         return Action.LOGIN
+    if args.logout:
+        return Action.LOGOUT
     if args.bookmarks == "":
         return Action.LIST_BOOKMARKS
     if args.status:
@@ -3255,7 +3297,10 @@ def config_from_args(args: argparse.Namespace, environ: dict, stdin=sys.stdin) -
     if args.similarity_space and args.similar_to is None:
         raise UsageError("--similarity-space goes with --similar-to")
     check_numbers(args)
-    state_dir = args.state_dir or environ.get(ENV_STATE_DIR)
+    state_dir_text = args.state_dir or environ.get(ENV_STATE_DIR)
+    state_dir = Path(state_dir_text) if state_dir_text else default_state_dir(sys.platform, environ, Path.home())
+    # Flags and the environment win; else what --login stored. --login itself stores what it used.
+    stored = {} if action in (Action.LOGIN, Action.LOGOUT) else load_credentials(state_dir)
     return Config(
         action=action, query=args.query, ids=read_ids(args, stdin), pack=args.pack, user=args.user,
         bookmark_category=args.bookmarks or None, similar_to=similar_to_id(args.similar_to),
@@ -3264,10 +3309,10 @@ def config_from_args(args: argparse.Namespace, environ: dict, stdin=sys.stdin) -
         api_rate=args.api_rate, api_daily_cap=args.api_daily_cap, wait=args.wait, json=args.json,
         sidecars=args.sidecars, previews=args.previews, auth_code=args.auth_code,
         redirect_uri=check_redirect_uri(args.redirect_uri) if args.redirect_uri else None,
-        client_id=args.client_id or environ.get(ENV_CLIENT_ID),
-        client_secret=read_secret(args, environ),
+        client_id=args.client_id or environ.get(ENV_CLIENT_ID) or stored.get("client_id"),
+        client_secret=read_secret(args, environ) or stored.get("client_secret"),
         api_base=check_api_base(environ.get(ENV_API_URL) or DEFAULT_API_BASE),
-        state_dir=Path(state_dir) if state_dir else default_state_dir(sys.platform, environ, Path.home()),
+        state_dir=state_dir,
         jobs=args.jobs, retries=args.retries, backoff=args.backoff, timeout=args.timeout,
         wait_lock=args.wait_lock, notes=tuple(dict.fromkeys(notes + sort_notes)))
 
@@ -3303,10 +3348,16 @@ def program(config: Config, ui: Ui, stdin) -> ExitCode:
         return ExitCode.SUCCESS
     if config.action is Action.STATUS:
         return show(status_report(config, ui), config)
+    if config.action is Action.LOGOUT:
+        removed = log_out(config.state_dir)
+        ui.info("removed " + ", ".join(map(str, removed)) if removed else f"nothing stored in {config.state_dir}")
+        return ExitCode.SUCCESS
     conn = connect(config, ui, read_line)
     if config.action is Action.LOGIN:
         conn.auth.login()
-        ui.info(f"logged in; token saved in {conn.auth.store.path}")
+        saved = save_credentials(config.state_dir, config.client_id or "", config.client_secret or "")
+        ui.info(f"logged in; token saved in {conn.auth.store.path}, client id and secret in {saved}: "
+                "later runs (cron, systemd) need no credentials in their environment")
         return ExitCode.SUCCESS
     if config.action is Action.LIST_BOOKMARKS:
         print(bookmark_categories_text(conn.api))

@@ -90,3 +90,40 @@ def test_a_metadata_json_in_another_layout_is_read_and_rewritten_sorted(env):
     assert len(env.fake.downloads()) == 3  # 1004 and 1001 were known in that layout too
     assert [e["id"] for e in _assert_whole(env)] == [1001, 1002, 1004]
     assert (env.out / "metadata.json").read_text().splitlines()[1].startswith('  {"')  # our layout again
+
+
+# -- secrets out of crontabs ----------------------------------------------------------------------
+
+NO_SECRETS = {"FREESOUND_CLIENT_ID": "", "FREESOUND_CLIENT_SECRET": ""}
+
+
+def test_login_stores_the_credentials_so_later_runs_need_none_and_logout_forgets_them(env):
+    result = env.run("--login", "--auth-code", env.fake.issue_code())
+    assert result.returncode == 0, result.output
+    stored = env.state / "credentials.json"
+    assert stored.stat().st_mode & 0o777 == 0o600
+    assert json.loads(stored.read_text()) == {"client_id": env.fake.client_id, "client_secret": env.fake.client_secret}
+    result = env.run("--ids", "1000", env=NO_SECRETS)  # as from cron: nothing in the environment
+    assert result.returncode == 0, result.output
+    assert [e["id"] for e in env.metadata()] == [1000]
+    result = env.run("--logout", env=NO_SECRETS)
+    assert result.returncode == 0, result.output
+    assert not stored.exists() and not (env.state / "token.json").exists()
+    result = env.run("--ids", "1001", env=NO_SECRETS)
+    assert result.returncode == 3 and "FREESOUND_CLIENT_ID" in result.stderr, result.output
+
+
+def test_the_environment_and_flags_override_stored_credentials(env):
+    assert env.run("--login", "--auth-code", env.fake.issue_code()).returncode == 0
+    stored = env.state / "credentials.json"
+    stored.write_text(json.dumps({"client_id": env.fake.client_id, "client_secret": "stale-secret"}))
+    result = env.run("--query", "rain", "--dry-run")  # the environment's secret is the right one
+    assert result.returncode == 0, result.output
+    result = env.run("--query", "rain", "--dry-run", env={"FREESOUND_CLIENT_SECRET": ""})
+    assert result.returncode == 3 and "FREESOUND_CLIENT_SECRET" in result.stderr, result.output
+
+
+@pytest.mark.parametrize("args", [["--logout", "--query", "a"], ["--logout", "--login"]])
+def test_logout_takes_nothing_else(env, run_main, args):
+    result = run_main(*args)
+    assert result.returncode == 2 and "--logout takes no source" in result.stderr
