@@ -241,6 +241,7 @@ class Action(enum.Enum):
     PRINT_FILTER = "print the compiled filter"
     LOGIN = "log in"
     LOGOUT = "forget the stored token and credentials"
+    EXCLUDE = "remove sounds from the library for good"
     LIST_BOOKMARKS = "list bookmark categories"
     STATUS = "report the windows, login and library"
     DRY_RUN = "plan, download nothing"
@@ -255,6 +256,9 @@ class Config:
     # The source: exactly one of these is set for DOWNLOAD and DRY_RUN.
     query: str | None = None
     ids: tuple[int, ...] | None = None
+    pins: dict[int, Pin] = dataclasses.field(default_factory=dict)  # from a metadata.json --ids-file
+    accept_changed: bool = False
+    exclude: tuple[int, ...] = ()
     pack: int | None = None
     user: str | None = None
     bookmark_category: str | None = None  # an id or a name
@@ -337,6 +341,41 @@ def parse_id_lines(lines: Iterable[str], source: str) -> list[int]:
             raise UsageError(f"{source}, line {number}: not a Freesound sound ID or URL: {text!r}")
         ids.setdefault(sound_id, None)
     return list(ids)
+
+
+def metadata_ids(entries: Iterable[dict], source: str) -> tuple[list[int], dict[int, Pin]]:
+    """The sounds of a metadata.json used as an ID file, and a pin for each: the md5 of the
+    original that was downloaded, and when. Previews' md5s are their own, so they pin nothing."""
+    ids: dict[int, None] = {}
+    pins: dict[int, Pin] = {}
+    for entry in entries:
+        sound_id = parse_sound_ref(str(entry.get("id")))
+        if sound_id is None:
+            raise UsageError(f"{source}: not a Freesound sound ID: {entry.get('id')!r}")
+        ids.setdefault(sound_id, None)
+        if entry.get("md5") and not entry.get("preview"):
+            pins[sound_id] = Pin(str(entry["md5"]).lower(), str(entry.get("downloaded_at") or "it was recorded"))
+    return list(ids), pins
+
+
+@dataclasses.dataclass(frozen=True)
+class Pin:
+    """The original a metadata.json recorded: a sound whose md5 on Freesound differs has changed."""
+
+    md5: str
+    since: str  # when it was downloaded
+
+
+def changed_sounds(sounds: Sequence[dict], pins: dict[int, Pin]) -> tuple[list[dict], dict[int, str]]:
+    """Split off the sounds whose original is no longer the pinned one: (the rest, {id: since})."""
+    kept, changed = [], {}
+    for sound in sounds:
+        pin = pins.get(int(sound["id"]))
+        if pin is not None and sound.get("md5") and str(sound["md5"]).lower() != pin.md5:
+            changed[int(sound["id"])] = pin.since
+        else:
+            kept.append(sound)
+    return kept, changed
 
 
 # What --license takes, and the licence *names* Freesound's filters match (not the deed URLs).
@@ -1024,6 +1063,18 @@ def pack_zip_fits(new: int, selected: int, todo: int, window: Window) -> bool:
 
 
 @dataclasses.dataclass(frozen=True)
+class Selection:
+    """The sounds a source names: the new ones in order, and what was left out and why."""
+
+    new: list[dict]
+    selected: int
+    present: int
+    missing: list[int]
+    changed: dict[int, str] = dataclasses.field(default_factory=dict)  # id -> when its pinned original came
+    excluded: int = 0  # listed in excluded_ids.txt
+
+
+@dataclasses.dataclass(frozen=True)
 class LicenseRow:
     sounds: int = 0
     bytes: int = 0
@@ -1041,6 +1092,8 @@ class Plan:
     by_license: dict[str, LicenseRow]
     by_gen_ai_preference: dict[str, int]
     not_found: list[int]
+    changed: dict[int, str]
+    excluded: int
     daily_cap: int
     downloads_used: int
     runs: int
@@ -1059,11 +1112,19 @@ class Plan:
                      f"that takes {self.runs} run{'s' if self.runs != 1 else ''}, one a day")
         if self.not_found:
             lines.append("not found on Freesound: " + ", ".join(map(str, self.not_found)))
+        lines += changed_lines(self.changed)
+        if self.excluded:
+            lines.append(f"left out: {self.excluded} sound{'s' if self.excluded != 1 else ''} in excluded_ids.txt")
         return "\n".join(lines)
 
 
-def plan(todo: Sequence[dict], selected: int, present: int, not_found: Sequence[int],
-         daily_cap: int, used_now: int) -> Plan:
+def changed_lines(changed: dict[int, str]) -> list[str]:
+    return [f"sound {sound_id}: changed on Freesound since {since}; not downloaded (--accept-changed fetches it)"
+            for sound_id, since in sorted(changed.items())]
+
+
+def plan(selection: Selection, daily_cap: int, used_now: int) -> Plan:
+    todo = selection.new
     by_license: dict[str, LicenseRow] = {}
     by_gen_ai: dict[str, int] = {}
     for sound in todo:
@@ -1073,11 +1134,11 @@ def plan(todo: Sequence[dict], selected: int, present: int, not_found: Sequence[
         preference = str(sound.get("gen_ai_preference") or "not stated")
         by_gen_ai[preference] = by_gen_ai.get(preference, 0) + 1
     order = {name: index for index, name in enumerate(GEN_AI_PREFERENCES)}
-    return Plan(selected=selected, present=present, new=len(todo),
+    return Plan(selected=selection.selected, present=selection.present, new=len(todo),
                 new_bytes=sum(row.bytes for row in by_license.values()),
                 by_license=dict(sorted(by_license.items())),
                 by_gen_ai_preference=dict(sorted(by_gen_ai.items(), key=lambda item: order.get(item[0], 99))),
-                not_found=list(not_found),
+                not_found=list(selection.missing), changed=dict(selection.changed), excluded=selection.excluded,
                 daily_cap=daily_cap, downloads_used=used_now, runs=runs_needed(len(todo), daily_cap, used_now))
 
 
@@ -1122,6 +1183,7 @@ class RunReport:
     downloaded: int = 0
     failed: dict[int, str] = dataclasses.field(default_factory=dict)
     missing: list[int] = dataclasses.field(default_factory=list)
+    changed: dict[int, str] = dataclasses.field(default_factory=dict)
     remaining: int = 0
     window: Window | None = None
     stopped: DailyLimitReached | None = None
@@ -1130,7 +1192,7 @@ class RunReport:
     def exit_code(self) -> ExitCode:
         if self.stopped is not None:
             return ExitCode.DAILY_LIMIT
-        return ExitCode.SOME_FAILED if self.failed or self.missing else ExitCode.SUCCESS
+        return ExitCode.SOME_FAILED if self.failed or self.missing or self.changed else ExitCode.SUCCESS
 
     def text(self) -> str:
         lines = [f"downloaded {self.downloaded}, skipped {self.skipped} (already present), "
@@ -1140,6 +1202,7 @@ class RunReport:
         lines += [f"  failed {sound_id}: {reason}" for sound_id, reason in sorted(self.failed.items())]
         if self.missing:
             lines.append("  not found on Freesound: " + ", ".join(map(str, self.missing)))
+        lines += ["  " + line for line in changed_lines(self.changed)]
         if self.stopped is not None:
             lines.append(f"stopped: {self.stopped}; run again then to fetch the remaining "
                          f"{self.remaining} sound{'s' if self.remaining != 1 else ''}")
@@ -1149,6 +1212,7 @@ class RunReport:
         return {"downloaded": self.downloaded, "skipped": self.skipped, "remaining": self.remaining,
                 "failed": [{"id": sound_id, "reason": reason} for sound_id, reason in sorted(self.failed.items())],
                 "not_found": self.missing, "window": as_json(self.window),
+                "changed": [{"id": sound_id, "since": since} for sound_id, since in sorted(self.changed.items())],
                 "stopped": str(self.stopped) if self.stopped else None, "exit_code": int(self.exit_code)}
 
 
@@ -1303,6 +1367,9 @@ def attribution_text(entries: Sequence[dict]) -> str:
     return "".join(parts)
 
 
+EXCLUDED_IDS_HEADER = ("# Sounds removed from this library with --exclude: no source selects them again.\n"
+                       "# Delete a line to allow that sound again. (A file deleted by hand is different:\n"
+                       "# the next run downloads it again, as a repair.)")
 FAILED_IDS_HEADER = (f"# Sounds that could not be downloaded, with the reason. Retry them with:\n"
                      f"#   {PROG} --ids-file failed_ids.txt")
 
@@ -1441,7 +1508,7 @@ def load_metadata(path: Path) -> list[dict]:
         if not isinstance(entries, list) or not all(isinstance(e, dict) and "id" in e for e in entries):
             raise ValueError("expected a JSON array of objects with an 'id'")
     except (ValueError, UnicodeDecodeError) as exc:
-        raise UsageError(f"{path} is not valid metadata ({exc}); it was left untouched: "
+        raise UsageError(f"{path} is not valid metadata ({exc}); nothing was written to it: "
                          "fix or move it, then run again") from exc
     return entries
 
@@ -2554,6 +2621,7 @@ class Library:
 
     LOCK_NAME = ".freesound-downloader.lock"
     FAILED_NAME = "failed_ids.txt"
+    EXCLUDED_NAME = "excluded_ids.txt"
     JOURNAL_NAME = ".metadata-journal.jsonl"
     FOLD_EVERY_S = 30.0
 
@@ -2570,6 +2638,8 @@ class Library:
         self.lock = FileLock(folder / self.LOCK_NAME)
         self.sidecars = sidecars
         self.failed_path = folder / self.FAILED_NAME
+        self.excluded_path = folder / self.EXCLUDED_NAME
+        self.excluded: set[int] = set()
         self._write_lock = threading.Lock()  # one metadata writer, whatever --jobs is
         self._journal: BinaryIO | None = None
         self._folded_at = time.monotonic()
@@ -2582,7 +2652,39 @@ class Library:
         """Read what the folder holds (locked() does it too, once it holds the lock)."""
         self.held, self.pending, self.in_order = read_library(self.folder)
         self.removed = set()
+        try:
+            self.excluded = set(parse_id_lines(self.excluded_path.read_text(encoding="utf-8").splitlines(),
+                                               str(self.excluded_path)))
+        except FileNotFoundError:
+            self.excluded = set()
         return self
+
+    def exclude(self, sound_ids: Sequence[int], now: float) -> list[str]:
+        """Out for good: listed in excluded_ids.txt first (a crash midway still keeps them
+        out), then dropped from metadata.json, then their files deleted. Returns the files."""
+        added = [i for i in dict.fromkeys(sound_ids) if i not in self.excluded]
+        if added:
+            try:
+                old = self.excluded_path.read_text(encoding="utf-8")
+            except FileNotFoundError:
+                old = EXCLUDED_IDS_HEADER + "\n"
+            lines = "".join(f"{i}  # excluded {format_utc(now)}\n" for i in added)
+            write_bytes_atomic(self.excluded_path, (old + ("" if old.endswith("\n") else "\n") + lines).encode())
+            self.excluded.update(added)
+        files = [str(self.held[i][0]) for i in sound_ids if i in self.held and self.held[i][0]]
+        with self._write_lock:
+            self.removed.update(i for i in sound_ids if i in self.held)
+            self._fold()
+            for sound_id in sound_ids:
+                self.held.pop(sound_id, None)
+                self._update_failed(sound_id, None)
+        removed = []
+        for name in (Path(file).name for file in files):
+            if (self.folder / name).exists():
+                removed.append(name)
+            for path in (self.folder / name, self.folder / f"{name}.json", self.folder / (name + PART_SUFFIX)):
+                path.unlink(missing_ok=True)
+        return removed
 
     @contextlib.contextmanager
     def locked(self, wait: bool, ui: Ui) -> Iterator[None]:
@@ -2750,28 +2852,24 @@ def connect(config: Config, ui: Ui, read_line: Callable[[], str]) -> Connection:
     return Connection(limits, auth, Api(config, ApiSession(config, limits, auth, ui)), stop)
 
 
-@dataclasses.dataclass(frozen=True)
-class Selection:
-    """The sounds a source names: the new ones in order, and what was skipped or missing."""
-
-    new: list[dict]
-    selected: int
-    present: int
-    missing: list[int]
-
-
 def select(config: Config, api: Api, library: Library) -> Selection:
-    """Resolve the source; sounds already in the library are counted, not fetched."""
+    """Resolve the source; sounds already in the library are counted, not fetched, and
+    sounds in excluded_ids.txt are left out whatever the source."""
     if config.ids is not None:
-        wanted = [i for i in config.ids if not library.has(i)]
+        ids = [i for i in config.ids if i not in library.excluded]
+        wanted = [i for i in ids if not library.has(i)]
         sounds, missing = api.sounds_by_id(wanted) if wanted else ([], [])
-        return Selection(sounds, len(config.ids), len(config.ids) - len(wanted), missing)
-    listed = list(listing(config, api))
+        sounds, changed = (sounds, {}) if config.accept_changed else changed_sounds(sounds, config.pins)
+        return Selection(sounds, len(ids), len(ids) - len(wanted), missing, changed,
+                         excluded=len(config.ids) - len(ids))
+    everything = list(listing(config, api))
+    listed = [sound for sound in everything if int(sound["id"]) not in library.excluded]
     new = [sound for sound in listed if not library.has(int(sound["id"]))]
     unique: dict[int, dict] = {}
     for sound in new:  # a sound can come twice across search pages: keep the first
         unique.setdefault(int(sound["id"]), sound)
-    return Selection(list(unique.values()), len(listed), len(listed) - len(new), [])
+    return Selection(list(unique.values()), len(listed), len(listed) - len(new), [],
+                     excluded=len(everything) - len(listed))
 
 
 def listing(config: Config, api: Api) -> Iterator[dict]:
@@ -2815,8 +2913,7 @@ def plan_library(config: Config, conn: Connection, ui: Ui) -> Plan:
         ui.info(f"exchanged --auth-code: logged in, token saved in {conn.auth.store.path}")
     library = Library(config.output_dir, sidecars=config.sidecars).load()  # reads only: no lock needed
     selection = select(config, conn.api, library)
-    return plan(selection.new, selection.selected, selection.present, selection.missing,
-                config.daily_cap, conn.limits.window().downloads_used)
+    return plan(selection, config.daily_cap, conn.limits.window().downloads_used)
 
 
 def download_library(config: Config, conn: Connection, ui: Ui) -> RunReport:
@@ -2828,19 +2925,30 @@ def download_library(config: Config, conn: Connection, ui: Ui) -> RunReport:
         for sound_id in selection.missing:
             library.note_failed(sound_id, "not found on Freesound", time.time())
         todo = selection.new[:config.max] if config.max is not None else selection.new
-        report = RunReport(skipped=selection.present, missing=selection.missing,
+        report = RunReport(skipped=selection.present, missing=selection.missing, changed=selection.changed,
                            remaining=len(selection.new) - len(todo))
         if todo:
             if not config.previews:  # log in now, before the first download is paced
                 conn.auth.access_token()
             downloader = Downloader(config, conn, library, ui, report)
-            if (config.pack is not None and not config.previews
+            if (config.pack is not None and not config.previews and not selection.excluded
                     and pack_zip_fits(len(selection.new), selection.selected, len(todo), conn.limits.window())):
                 todo = downloader.download_pack(config.pack, todo)
             if todo:
                 downloader.run(todo)
         report.window = conn.limits.window()
     return report
+
+
+def exclude_from_library(config: Config, ui: Ui) -> ExitCode:
+    """--exclude: out of the library for good (no request is sent)."""
+    library = Library(config.output_dir, sidecars=config.sidecars)
+    with library.locked(config.wait_lock, ui):
+        removed = library.exclude(config.exclude, time.time())
+    ui.info(f"excluded {len(config.exclude)} sound{'s' if len(config.exclude) != 1 else ''} "
+            f"(listed in {library.excluded_path}); removed {len(removed)} file{'s' if len(removed) != 1 else ''}"
+            + (": " + ", ".join(removed) if removed else ""))
+    return ExitCode.SUCCESS
 
 
 class Downloader:
@@ -3067,6 +3175,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_login_flags(parser)
     add = parser.add_argument
     add("-o", "--output-dir", default="sounds", metavar="DIR", help="output folder (default: ./sounds)")
+    add("--accept-changed", action="store_true",
+        help="with a metadata.json as --ids-file: download a sound even if Freesound now serves another original")
+    add("--exclude", nargs="+", metavar="ID_OR_URL",
+        help="remove these sounds from the library (files and metadata) and list them in excluded_ids.txt, "
+             "so that no source selects them again; downloads nothing")
     add("--wait-lock", action="store_true",
         help="if another run is using the output folder, wait for it instead of exiting")
     add("--dry-run", action="store_true", help="show what would be downloaded; download nothing")
@@ -3172,18 +3285,33 @@ def _positive(name: str, value: float | None, allow_none: bool = False) -> None:
         raise UsageError(f"{name} must be a positive number, got {value}")
 
 
-def read_ids(args: argparse.Namespace, stdin) -> tuple[int, ...] | None:
+def read_ids(args: argparse.Namespace, stdin) -> tuple[tuple[int, ...] | None, dict[int, Pin]]:
+    """--ids or --ids-file: the sounds, and their pins when the file is a metadata.json."""
     if args.ids is not None:
-        return tuple(parse_id_lines(args.ids, "--ids"))
+        return tuple(parse_id_lines(args.ids, "--ids")), {}
     if args.ids_file is None:
-        return None
-    if args.ids_file == "-":
-        return tuple(parse_id_lines(stdin, "standard input"))
+        return None, {}
+    source = "standard input" if args.ids_file == "-" else args.ids_file
     try:
-        with open(args.ids_file, encoding="utf-8") as handle:
-            return tuple(parse_id_lines(handle, args.ids_file))
+        if args.ids_file == "-":
+            text = stdin.read()
+            lines: Iterable[str] = text.splitlines()
+            entries = (json.loads(text) if text.lstrip().startswith("[") else None)
+        else:
+            path = Path(args.ids_file)
+            with path.open(encoding="utf-8") as handle:
+                is_json = handle.read(64).lstrip().startswith("[")
+            entries = (entry for entry, _ in iter_metadata(path)) if is_json else None
+            lines = path.read_text(encoding="utf-8").splitlines() if not is_json else []
+        if entries is None:
+            return tuple(parse_id_lines(lines, source)), {}
+        ids, pins = metadata_ids(entries, source)
+        return tuple(ids), pins
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"cannot read --ids-file {args.ids_file}: {exc}") from None
+    except (ValueError, AttributeError, TypeError) as exc:  # JSON that is not a metadata.json
+        raise UsageError(f"--ids-file {source} is not valid metadata: a JSON array of objects with an 'id' "
+                         f"({exc})") from None
 
 
 def read_secret(args: argparse.Namespace, environ: dict) -> str | None:
@@ -3258,12 +3386,16 @@ def action_from_args(args: argparse.Namespace) -> Action:
         raise UsageError("--login takes no source; it only logs in")
     if args.logout and (sources or args.login):
         raise UsageError("--logout takes no source and no --login; it only forgets the stored login")
+    if args.exclude and (sources or args.login or args.logout):
+        raise UsageError("--exclude is an action of its own: it takes no source and downloads nothing")
     if args.print_filter:
         return Action.PRINT_FILTER
     if args.login:
         return Action.LOGIN
     if args.logout:
         return Action.LOGOUT
+    if args.exclude:
+        return Action.EXCLUDE
     if args.bookmarks == "":
         return Action.LIST_BOOKMARKS
     if args.status:
@@ -3301,8 +3433,11 @@ def config_from_args(args: argparse.Namespace, environ: dict, stdin=sys.stdin) -
     state_dir = Path(state_dir_text) if state_dir_text else default_state_dir(sys.platform, environ, Path.home())
     # Flags and the environment win; else what --login stored. --login itself stores what it used.
     stored = {} if action in (Action.LOGIN, Action.LOGOUT) else load_credentials(state_dir)
+    ids, pins = read_ids(args, stdin)
     return Config(
-        action=action, query=args.query, ids=read_ids(args, stdin), pack=args.pack, user=args.user,
+        action=action, query=args.query, ids=ids, pins=pins, accept_changed=args.accept_changed,
+        exclude=tuple(parse_id_lines(args.exclude, "--exclude")) if args.exclude else (),
+        pack=args.pack, user=args.user,
         bookmark_category=args.bookmarks or None, similar_to=similar_to_id(args.similar_to),
         similarity_space=args.similarity_space, filter=compiled, sort=sort, max=args.max,
         output_dir=Path(args.output_dir), rate=args.rate, daily_cap=args.daily_cap,
@@ -3348,6 +3483,8 @@ def program(config: Config, ui: Ui, stdin) -> ExitCode:
         return ExitCode.SUCCESS
     if config.action is Action.STATUS:
         return show(status_report(config, ui), config)
+    if config.action is Action.EXCLUDE:
+        return exclude_from_library(config, ui)
     if config.action is Action.LOGOUT:
         removed = log_out(config.state_dir)
         ui.info("removed " + ", ".join(map(str, removed)) if removed else f"nothing stored in {config.state_dir}")

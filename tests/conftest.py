@@ -81,7 +81,7 @@ class Env:
         return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
     def audio_files(self) -> list[str]:
-        skip = {"metadata.json", "ATTRIBUTION.txt", "failed_ids.txt"}
+        skip = {"metadata.json", "ATTRIBUTION.txt", "failed_ids.txt", "excluded_ids.txt"}
         if not self.out.exists():
             return []
         return sorted(p.name for p in self.out.iterdir()

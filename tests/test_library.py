@@ -127,3 +127,87 @@ def test_the_environment_and_flags_override_stored_credentials(env):
 def test_logout_takes_nothing_else(env, run_main, args):
     result = run_main(*args)
     assert result.returncode == 2 and "--logout takes no source" in result.stderr
+
+
+# -- reproduce a library from its metadata ------------------------------------------------------------
+
+def test_a_teammates_metadata_json_reproduces_the_library(env, tmp_path):
+    env.login()
+    assert env.run("--ids", "1000", "1002", "1004").returncode == 0
+    shared = tmp_path / "teammate-metadata.json"
+    shared.write_bytes((env.out / "metadata.json").read_bytes())  # committed to git without the audio
+    clone = tmp_path / "clone"
+    result = env.run("--ids-file", str(shared), "--output-dir", str(clone))
+    assert result.returncode == 0, result.output
+    assert sorted(p.name for p in clone.iterdir() if p.suffix in (".wav", ".flac", ".aiff")) == \
+        sorted(env.fake.sounds[i].friendly_filename() for i in (1000, 1002, 1004))
+    assert [e["id"] for e in json.loads((clone / "metadata.json").read_text())] == [1000, 1002, 1004]
+
+
+def test_a_sound_whose_original_changed_is_not_downloaded_unless_accepted(env, tmp_path):
+    env.login()
+    assert env.run("--ids", "1000", "1002").returncode == 0
+    shared = tmp_path / "metadata.json"
+    shared.write_bytes((env.out / "metadata.json").read_bytes())
+    downloaded_at = {e["id"]: e["downloaded_at"] for e in env.metadata()}
+    env.fake.sounds[1002].data = b"a re-uploaded original"
+    env.fake.sounds[1002]._md5 = None
+    clone = tmp_path / "clone"
+    result = env.run("--ids-file", str(shared), "--output-dir", str(clone), "--json")
+    assert result.returncode == 1, result.output
+    assert f"sound 1002: changed on Freesound since {downloaded_at[1002]}" in result.stderr
+    assert json.loads(result.stdout)["changed"] == [{"id": 1002, "since": downloaded_at[1002]}]
+    assert [e["id"] for e in json.loads((clone / "metadata.json").read_text())] == [1000]
+    dry = env.run("--ids-file", str(shared), "--output-dir", str(clone), "--dry-run")
+    assert "sound 1002: changed on Freesound since" in dry.stdout
+    result = env.run("--ids-file", str(shared), "--output-dir", str(clone), "--accept-changed")
+    assert result.returncode == 0, result.output
+    assert (clone / env.fake.sounds[1002].friendly_filename()).read_bytes() == b"a re-uploaded original"
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[{"name": "no id"}]', "ids.json is not valid metadata (expected a JSON array of objects with an 'id')"),
+    ('[{"id": "x1"}]', "not a Freesound sound ID: 'x1'"),
+    ('[1, 2]', "ids.json is not valid metadata"),
+    ('[{"id": 1}', "ids.json is not valid metadata"),
+])
+def test_a_json_ids_file_that_is_not_a_metadata_json_is_a_usage_error(env, run_main, tmp_path, text, message):
+    (tmp_path / "ids.json").write_text(text)
+    result = run_main("--ids-file", str(tmp_path / "ids.json"))
+    assert result.returncode == 2 and message in result.stderr, result.output
+
+
+# -- prune, and stay pruned -------------------------------------------------------------------------
+
+def test_exclude_removes_files_and_entries_and_no_source_selects_them_again(env):
+    env.login()
+    assert env.run("--query", "", "--sidecars").returncode == 0
+    before = len(env.fake.downloads())
+    gone = env.fake.sounds[1003].friendly_filename()
+    result = env.run("--exclude", "1003", "https://freesound.org/s/1005/", env=NO_SECRETS)
+    assert result.returncode == 0, result.output
+    assert len(env.fake.requests) == len(env.fake.requests_to(".")) and len(env.fake.downloads()) == before
+    assert not (env.out / gone).exists() and not (env.out / f"{gone}.json").exists()
+    assert 1003 not in [e["id"] for e in _assert_whole(env)]
+    assert dl.parse_id_lines((env.out / "excluded_ids.txt").read_text().splitlines(), "x") == [1003, 1005]
+    assert "1003" not in (env.out / "ATTRIBUTION.txt").read_text().replace("/s/1003/", "")
+    for source in (["--query", ""], ["--ids", "1003", "1005"], ["--ids-file", str(env.out / "metadata.json")]):
+        result = env.run(*source)
+        assert result.returncode == 0, result.output
+    assert len(env.fake.downloads()) == before  # never selected again
+    dry = env.run("--ids", "1003", "1005", "1000", "--dry-run")
+    assert "left out: 2 sounds in excluded_ids.txt" in dry.stdout
+
+
+def test_a_file_deleted_by_hand_is_downloaded_again_as_a_repair(env):
+    env.login()
+    assert env.run("--ids", "1000", "1001").returncode == 0
+    (env.out / env.fake.sounds[1001].friendly_filename()).unlink()
+    result = env.run("--ids", "1000", "1001")
+    assert result.returncode == 0, result.output
+    assert [d["path"] for d in env.fake.downloads()][-1] == "/apiv2/sounds/1001/download/"
+
+
+def test_exclude_is_an_action_of_its_own(env, run_main):
+    result = run_main("--exclude", "1000", "--query", "rain")
+    assert result.returncode == 2 and "action of its own" in result.stderr

@@ -528,7 +528,7 @@ def test_plan_groups_new_sounds_by_licence():
     todo = [{"license": "http://creativecommons.org/publicdomain/zero/1.0/", "filesize": 100},
             {"license": "https://creativecommons.org/licenses/by/4.0/", "filesize": 50},
             {"license": "http://creativecommons.org/publicdomain/zero/1.0/", "filesize": 1}]
-    summary = dl.plan(todo, selected=5, present=2, not_found=[9], daily_cap=2, used_now=1)
+    summary = dl.plan(dl.Selection(todo, selected=5, present=2, missing=[9]), daily_cap=2, used_now=1)
     assert summary.by_license == {"CC BY 4.0": dl.LicenseRow(1, 50), "CC0 1.0": dl.LicenseRow(2, 101)}
     assert summary.runs == 2 and summary.new_bytes == 151
     assert dl.as_json(summary) == dataclasses.asdict(summary)  # what --json prints

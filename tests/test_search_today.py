@@ -152,7 +152,7 @@ def test_sort_by_closeness_accepts_descriptor_targets_and_old_names():
 def test_the_dry_run_plan_counts_new_sounds_by_gen_ai_preference():
     todo = [{"gen_ai_preference": "no-gen-ai"}, {"gen_ai_preference": "no-additional-preferences"},
             {"gen_ai_preference": "no-gen-ai"}, {}]
-    summary = dl.plan(todo, selected=4, present=0, not_found=[], daily_cap=10, used_now=0)
+    summary = dl.plan(dl.Selection(todo, selected=4, present=0, missing=[]), daily_cap=10, used_now=0)
     assert summary.by_gen_ai_preference == {"no-additional-preferences": 1, "no-gen-ai": 2, "not stated": 1}
     assert "| no-gen-ai | 2 |" in summary.text()
 
