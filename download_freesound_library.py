@@ -66,7 +66,7 @@ import time
 import unicodedata
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn, TextIO
+from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn, TextIO, TypeVar
 from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
 # requests, freesound, oauthlib and tqdm are imported where they are first needed:
@@ -76,6 +76,7 @@ if TYPE_CHECKING:
 
     import requests
 
+T = TypeVar("T")
 __version__ = "0.1.0"
 PROG = "download_freesound_library.py"
 
@@ -242,6 +243,7 @@ class Action(enum.Enum):
     LOGIN = "log in"
     LOGOUT = "forget the stored token and credentials"
     EXCLUDE = "remove sounds from the library for good"
+    AUDIT = "compare the library with Freesound and with its own records"
     LIST_BOOKMARKS = "list bookmark categories"
     STATUS = "report the windows, login and library"
     DRY_RUN = "plan, download nothing"
@@ -259,6 +261,7 @@ class Config:
     pins: dict[int, Pin] = dataclasses.field(default_factory=dict)  # from a metadata.json --ids-file
     accept_changed: bool = False
     exclude: tuple[int, ...] = ()
+    repair: bool = False  # with AUDIT: download missing or damaged files again
     pack: int | None = None
     user: str | None = None
     bookmark_category: str | None = None  # an id or a name
@@ -432,9 +435,11 @@ def id_filter(sound_ids: Sequence[int]) -> str:
     return "id:(" + " OR ".join(str(i) for i in sound_ids) + ")"
 
 
-def batched(items: Sequence[int], size: int) -> Iterator[Sequence[int]]:
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
+def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """Lists of `size` items (the last may be shorter), taken lazily."""
+    iterator = iter(items)
+    while batch := list(itertools.islice(iterator, size)):
+        yield batch
 
 
 ###############################################################################
@@ -1246,6 +1251,84 @@ def format_size(size: float) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     raise AssertionError("unreachable")
+
+
+###############################################################################
+# Pure: auditing a library ####################################################
+###############################################################################
+
+# What an audit compares: the value recorded at download time against Freesound's today.
+AUDITED_VALUES = (("license", "licence changed"), ("gen_ai_preference", "generative-AI preference changed"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Finding:
+    """One thing an audit found about one sound."""
+
+    sound_id: int
+    kind: str  # gone, license, gen_ai_preference, replaced, missing, damaged
+    what: str
+    recorded: str | None = None
+    now: str | None = None
+
+    def text(self) -> str:
+        change = f": {self.recorded} -> {self.now}" if self.recorded is not None or self.now is not None else ""
+        return f"sound {self.sound_id}: {self.what}{change}"
+
+
+def audit_sound(entry: dict, now: dict | None, local: str | None) -> tuple[list[Finding], dict]:
+    """What differs for one recorded sound, given Freesound's metadata today (None: gone)
+    and the local file's state (None, "missing" or "damaged"); and the `current` values to
+    record beside the entry: only those that differ. The recorded licence is never
+    replaced: Creative Commons licences are irrevocable, so it is the grant the user holds."""
+    sound_id = int(entry["id"])
+    findings = [Finding(sound_id, local, f"local file {local}")] if local else []
+    if now is None:
+        return findings + [Finding(sound_id, "gone", "gone from Freesound")], {"gone_from_freesound": True}
+    current: dict = {}
+    for key, what in AUDITED_VALUES:
+        recorded, today = entry.get(key), now.get(key)
+        if today is not None and recorded is not None and today != recorded:
+            findings.append(Finding(sound_id, key, what, _audit_label(key, recorded), _audit_label(key, today)))
+            current[key] = today
+    if not entry.get("preview") and now.get("md5") and entry.get("md5") and now["md5"].lower() != entry["md5"].lower():
+        findings.append(Finding(sound_id, "replaced", "original replaced on Freesound (md5 differs)",
+                                entry["md5"], now["md5"]))
+        current["md5"] = now["md5"]
+    return findings, current
+
+
+def _audit_label(key: str, value: str) -> str:
+    return license_name(value) if key == "license" else value
+
+
+@dataclasses.dataclass
+class AuditReport:
+    """What --audit found; with --repair, which missing or damaged files came back."""
+
+    audited: int = 0
+    findings: list[Finding] = dataclasses.field(default_factory=list)
+    repaired: list[int] = dataclasses.field(default_factory=list)
+
+    @property
+    def open_findings(self) -> list[Finding]:
+        return [f for f in self.findings if not (f.kind in ("missing", "damaged") and f.sound_id in self.repaired)]
+
+    @property
+    def exit_code(self) -> ExitCode:
+        return ExitCode.SOME_FAILED if self.open_findings else ExitCode.SUCCESS
+
+    def text(self) -> str:
+        lines = [f"audited {self.audited} sound{'s' if self.audited != 1 else ''}: "
+                 f"{len(self.findings)} finding{'s' if len(self.findings) != 1 else ''}"
+                 + (f", {len(self.repaired)} repaired" if self.repaired else "")]
+        lines += ["  " + finding.text() + (" (repaired)" if finding not in self.open_findings else "")
+                  for finding in self.findings]
+        return "\n".join(lines)
+
+    def as_json(self) -> dict:
+        return {"audited": self.audited, "repaired": self.repaired, "exit_code": int(self.exit_code),
+                "findings": [dataclasses.asdict(finding) for finding in self.findings]}
 
 
 ###############################################################################
@@ -2754,6 +2837,13 @@ class Library:
             if time.monotonic() - self._folded_at >= self.FOLD_EVERY_S:
                 self._fold()
 
+    def annotate(self, updates: dict[int, dict]) -> None:
+        """Merge these keys into recorded entries (an audit's findings), in one fold."""
+        with self._write_lock:
+            for sound_id, keys in updates.items():
+                self.pending[sound_id] = {**self.pending.get(sound_id, {}), **keys, "id": sound_id}
+            self._fold()
+
     def fold(self) -> None:
         """Merge the journal into metadata.json and ATTRIBUTION.txt, then empty it."""
         with self._write_lock:
@@ -2949,6 +3039,49 @@ def exclude_from_library(config: Config, ui: Ui) -> ExitCode:
             f"(listed in {library.excluded_path}); removed {len(removed)} file{'s' if len(removed) != 1 else ''}"
             + (": " + ", ".join(removed) if removed else ""))
     return ExitCode.SUCCESS
+
+
+def audit_library(config: Config, conn: Connection, ui: Ui) -> AuditReport:
+    """--audit: every recorded sound against Freesound's metadata today (one search per 150
+    sounds) and its file against its record; findings noted in metadata.json; with
+    --repair, missing or damaged files downloaded again (not a replaced original, unless
+    --accept-changed)."""
+    library = Library(config.output_dir, sidecars=config.sidecars)
+    report, updates, to_repair = AuditReport(), {}, []
+    with library.locked(config.wait_lock, ui):
+        for batch in batched((entry for entry, _ in iter_metadata(library.metadata_path)), PAGE_SIZE):
+            today = {int(s["id"]): s for s in conn.api.search("", id_filter([int(e["id"]) for e in batch]), None)}
+            for entry in batch:
+                sound_id, local = int(entry["id"]), local_state(library.folder, entry)
+                findings, current = audit_sound(entry, today.get(sound_id), local)
+                report.findings += findings
+                updates[sound_id] = {"audited_at": iso_utc(time.time()), "current": current}
+                replaced = any(finding.kind == "replaced" for finding in findings)
+                if local and sound_id in today and (config.accept_changed or not replaced):
+                    to_repair.append(today[sound_id])
+            report.audited += len(batch)
+            ui.info(f"audited {report.audited} sounds")
+        library.annotate(updates)
+        if config.repair and to_repair:
+            library.check_variant(config.previews)
+            conn.auth.access_token()
+            Downloader(config, conn, library, ui, RunReport()).run(to_repair)
+            report.repaired = [int(sound["id"]) for sound in to_repair if library.has(int(sound["id"]))
+                               and local_state(library.folder, library.pending.get(int(sound["id"]), sound)) is None]
+    return report
+
+
+def local_state(folder: Path, entry: dict) -> str | None:
+    """None if the entry's file is on disk with its recorded size and md5, else "missing"
+    or "damaged"."""
+    path = folder / Path(str(entry.get("file") or "")).name
+    if not entry.get("file") or not path.is_file():
+        return "missing"
+    if entry.get("filesize") is not None and path.stat().st_size != entry["filesize"]:
+        return "damaged"
+    if entry.get("md5") and hash_file(path).hexdigest() != str(entry["md5"]).lower():
+        return "damaged"
+    return None
 
 
 class Downloader:
@@ -3177,6 +3310,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("-o", "--output-dir", default="sounds", metavar="DIR", help="output folder (default: ./sounds)")
     add("--accept-changed", action="store_true",
         help="with a metadata.json as --ids-file: download a sound even if Freesound now serves another original")
+    add("--audit", action="store_true",
+        help="check every sound in the library against Freesound (150 per request, API key only) and its "
+             "file against its record; exit 1 with findings")
+    add("--repair", action="store_true", help="with --audit: download missing or damaged files again")
     add("--exclude", nargs="+", metavar="ID_OR_URL",
         help="remove these sounds from the library (files and metadata) and list them in excluded_ids.txt, "
              "so that no source selects them again; downloads nothing")
@@ -3388,6 +3525,10 @@ def action_from_args(args: argparse.Namespace) -> Action:
         raise UsageError("--logout takes no source and no --login; it only forgets the stored login")
     if args.exclude and (sources or args.login or args.logout):
         raise UsageError("--exclude is an action of its own: it takes no source and downloads nothing")
+    if args.audit and (sources or args.exclude):
+        raise UsageError("--audit checks the library in --output-dir: it takes no source")
+    if args.repair and not args.audit:
+        raise UsageError("--repair goes with --audit")
     if args.print_filter:
         return Action.PRINT_FILTER
     if args.login:
@@ -3396,6 +3537,8 @@ def action_from_args(args: argparse.Namespace) -> Action:
         return Action.LOGOUT
     if args.exclude:
         return Action.EXCLUDE
+    if args.audit:
+        return Action.AUDIT
     if args.bookmarks == "":
         return Action.LIST_BOOKMARKS
     if args.status:
@@ -3436,7 +3579,7 @@ def config_from_args(args: argparse.Namespace, environ: dict, stdin=sys.stdin) -
     ids, pins = read_ids(args, stdin)
     return Config(
         action=action, query=args.query, ids=ids, pins=pins, accept_changed=args.accept_changed,
-        exclude=tuple(parse_id_lines(args.exclude, "--exclude")) if args.exclude else (),
+        exclude=tuple(parse_id_lines(args.exclude, "--exclude")) if args.exclude else (), repair=args.repair,
         pack=args.pack, user=args.user,
         bookmark_category=args.bookmarks or None, similar_to=similar_to_id(args.similar_to),
         similarity_space=args.similarity_space, filter=compiled, sort=sort, max=args.max,
@@ -3501,6 +3644,8 @@ def program(config: Config, ui: Ui, stdin) -> ExitCode:
         return ExitCode.SUCCESS
     if config.action is Action.DRY_RUN:
         return show(plan_library(config, conn, ui), config)
+    if config.action is Action.AUDIT:
+        return show(audit_library(config, conn, ui), config)
     report = download_library(config, conn, ui)
     (ui.info if report.exit_code == ExitCode.SUCCESS else ui.warn)(report.text())
     if config.json:
@@ -3508,10 +3653,11 @@ def program(config: Config, ui: Ui, stdin) -> ExitCode:
     return report.exit_code
 
 
-def show(report: Plan | Status, config: Config) -> ExitCode:
-    """Print a report on stdout: as text, or as JSON with --json."""
+def show(report: Plan | Status | AuditReport, config: Config) -> ExitCode:
+    """Print a report on stdout, as text or as JSON with --json; its exit code (0 for a plan
+    or a status, 1 for an audit with findings)."""
     print(json.dumps(as_json(report), sort_keys=True) if config.json else report.text())
-    return ExitCode.SUCCESS
+    return report.exit_code if isinstance(report, AuditReport) else ExitCode.SUCCESS
 
 
 def main(argv: Sequence[str] | None = None) -> int:

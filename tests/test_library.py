@@ -211,3 +211,59 @@ def test_a_file_deleted_by_hand_is_downloaded_again_as_a_repair(env):
 def test_exclude_is_an_action_of_its_own(env, run_main):
     result = run_main("--exclude", "1000", "--query", "rain")
     assert result.returncode == 2 and "action of its own" in result.stderr
+
+
+# -- audit ---------------------------------------------------------------------------------------------
+
+def test_audit_reports_every_kind_of_change_notes_it_in_metadata_and_repairs_on_request(env):
+    env.login()
+    assert env.run("--ids", "1000", "1001", "1002", "1003", "1004", "1005").returncode == 0
+    recorded = {e["id"]: e for e in env.metadata()}
+    fake = env.fake
+    del fake.sounds[1000]                                  # gone from Freesound
+    fake.sounds[1001].license = "Attribution NonCommercial"  # licence changed (was Attribution)
+    fake.sounds[1002].gen_ai_preference = "no-gen-ai"        # AI preference changed
+    fake.sounds[1003].data, fake.sounds[1003]._md5 = b"new take", None  # original replaced
+    (env.out / recorded[1004]["file"]).unlink()              # local file missing
+    (env.out / recorded[1005]["file"]).write_bytes(b"x" * recorded[1005]["filesize"])  # damaged, same size
+    before = len(fake.requests)
+    result = env.run("--audit", "--json", env={"FREESOUND_STATE_DIR": str(env.state.parent / "no-login")})
+    assert result.returncode == 1, result.output
+    assert len(fake.requests) - before == 1  # one search for six sounds, with the API key alone
+    kinds = {(f["sound_id"], f["kind"]) for f in json.loads(result.stdout)["findings"]}
+    assert kinds == {(1000, "gone"), (1001, "license"), (1002, "gen_ai_preference"), (1003, "replaced"),
+                     (1004, "missing"), (1005, "damaged")}
+    licence = [f for f in json.loads(result.stdout)["findings"] if f["kind"] == "license"][0]
+    assert (licence["recorded"], licence["now"]) == ("CC BY 4.0", "CC BY-NC 4.0")
+    entries = {e["id"]: e for e in env.metadata()}
+    assert entries[1001]["license"] == recorded[1001]["license"]  # the grant the user holds
+    assert entries[1001]["current"]["license"].endswith("/by-nc/4.0/")
+    assert entries[1000]["current"] == {"gone_from_freesound": True} and entries[1004]["current"] == {}
+    assert all("audited_at" in e for e in entries.values())
+    text = env.run("--audit")
+    assert text.returncode == 1 and "sound 1001: licence changed: CC BY 4.0 -> CC BY-NC 4.0" in text.stdout
+    downloads = len(fake.downloads())
+    repaired = env.run("--audit", "--repair", "--json")
+    assert repaired.returncode == 1, repaired.output  # gone, licence, preference, replaced remain
+    assert sorted(json.loads(repaired.stdout)["repaired"]) == [1004, 1005]
+    assert len(fake.downloads()) - downloads == 2
+    for sound_id in (1004, 1005):
+        assert (env.out / recorded[sound_id]["file"]).read_bytes() == fake.sounds[sound_id].data
+
+
+def test_a_clean_library_audits_clean(env):
+    env.login()
+    assert env.run("--ids", "1000", "1001").returncode == 0
+    result = env.run("--audit")
+    assert result.returncode == 0, result.output
+    assert "audited 2 sounds: 0 findings" in result.stdout
+
+
+def test_audit_costs_one_request_per_150_sounds(env):
+    from fake_freesound import make_sounds
+    env.fake.add(*make_sounds(160, start_id=5000, size=16))
+    env.login()
+    assert env.run("--ids", *map(str, range(5000, 5160))).returncode == 0
+    before = len(env.fake.requests)
+    assert env.run("--audit").returncode == 0
+    assert len(env.fake.requests) - before == 2
