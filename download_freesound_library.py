@@ -1453,6 +1453,13 @@ def attribution_text(entries: Sequence[dict]) -> str:
 EXCLUDED_IDS_HEADER = ("# Sounds removed from this library with --exclude: no source selects them again.\n"
                        "# Delete a line to allow that sound again. (A file deleted by hand is different:\n"
                        "# the next run downloads it again, as a repair.)")
+def excluded_ids_text(old: str | None, added: Iterable[int], now: float) -> str:
+    """excluded_ids.txt (a valid ID file) with these sounds appended."""
+    text = old if old is not None else EXCLUDED_IDS_HEADER + "\n"
+    text += "" if not text or text.endswith("\n") else "\n"
+    return text + "".join(f"{sound_id}  # excluded {format_utc(now)}\n" for sound_id in added)
+
+
 FAILED_IDS_HEADER = (f"# Sounds that could not be downloaded, with the reason. Retry them with:\n"
                      f"#   {PROG} --ids-file failed_ids.txt")
 
@@ -2747,12 +2754,8 @@ class Library:
         out), then dropped from metadata.json, then their files deleted. Returns the files."""
         added = [i for i in dict.fromkeys(sound_ids) if i not in self.excluded]
         if added:
-            try:
-                old = self.excluded_path.read_text(encoding="utf-8")
-            except FileNotFoundError:
-                old = EXCLUDED_IDS_HEADER + "\n"
-            lines = "".join(f"{i}  # excluded {format_utc(now)}\n" for i in added)
-            write_bytes_atomic(self.excluded_path, (old + ("" if old.endswith("\n") else "\n") + lines).encode())
+            old = self.excluded_path.read_text(encoding="utf-8") if self.excluded_path.exists() else None
+            write_bytes_atomic(self.excluded_path, excluded_ids_text(old, added, now).encode("utf-8"))
             self.excluded.update(added)
         files = [str(self.held[i][0]) for i in sound_ids if i in self.held and self.held[i][0]]
         with self._write_lock:
