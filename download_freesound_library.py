@@ -1,6 +1,6 @@
 #!/usr/bin/env -S uv run --script
 # /// script
-# requires-python = ">=3.10"
+# requires-python = ">=3.11"
 # dependencies = [
 #     "freesound-api==1.1.0.2",
 #     "oauthlib==3.3.1",
@@ -1232,12 +1232,12 @@ def as_json(report: object) -> object:
 
 def format_utc(moment: dt.datetime | float) -> str:
     if not isinstance(moment, dt.datetime):
-        moment = dt.datetime.fromtimestamp(moment, dt.timezone.utc)
-    return moment.astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+        moment = dt.datetime.fromtimestamp(moment, dt.UTC)
+    return moment.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def iso_utc(timestamp: float) -> str:
-    moment = dt.datetime.fromtimestamp(timestamp, dt.timezone.utc)
+    moment = dt.datetime.fromtimestamp(timestamp, dt.UTC)
     return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
@@ -2125,7 +2125,7 @@ class Limits:
             if len(times_in_window(times, now, DAY_S)) + needed > cap:
                 frees = window_frees_at(times, max(1, cap - needed + 1), now, DAY_S)
                 raise DailyLimitReached(f"{label} ({cap} requests per 24 hours)",
-                                        dt.datetime.fromtimestamp(frees, dt.timezone.utc))
+                                        dt.datetime.fromtimestamp(frees, dt.UTC))
 
     def _wait_needed(self, kind: str, now: float) -> float:
         per_minute = max(1, int(self.config.api_rate))
@@ -2146,7 +2146,7 @@ class Limits:
         """After a server 429 (N/day): our oldest request in the window leaving is the best guess."""
         now = self.clock()
         inside = times_in_window(self.ledger.times(), now, DAY_S)
-        return dt.datetime.fromtimestamp((inside[0] if inside else now) + DAY_S, dt.timezone.utc)
+        return dt.datetime.fromtimestamp((inside[0] if inside else now) + DAY_S, dt.UTC)
 
 
 class ApiSession:

@@ -621,7 +621,7 @@ def test_sidecars_sit_beside_each_audio_file(env):
 
 def _ledger_rows(client_id: str, *ages_s: float) -> str:
     now = time.time()
-    return "".join(json.dumps({"at": dt.datetime.fromtimestamp(now - age, dt.timezone.utc).isoformat()
+    return "".join(json.dumps({"at": dt.datetime.fromtimestamp(now - age, dt.UTC).isoformat()
                                .replace("+00:00", "Z"), "client_id": client_id, "kind": "download",
                                "sound_id": 1}) + "\n" for age in ages_s)
 

@@ -359,7 +359,7 @@ def test_token_store_is_private_and_checks_the_client_id(tmp_path):
 
 
 def test_format_utc():
-    moment = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)
+    moment = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
     assert dl.format_utc(moment) == "2026-01-02 03:04:05 UTC"
     assert dl.format_utc(moment.timestamp()) == "2026-01-02 03:04:05 UTC"
 

@@ -6,11 +6,9 @@ import ast
 import re
 import subprocess
 import sys
+import tomllib
 
-import pytest
 from conftest import ROOT, SCRIPT
-
-tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
 MAX_FUNCTION_LINES = 60
 MAX_CLASS_LINES = 200
