@@ -64,7 +64,7 @@ import tempfile
 import threading
 import time
 import unicodedata
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn, TextIO, TypeVar
 from urllib.parse import parse_qs, quote, urlencode, urlsplit
@@ -291,6 +291,7 @@ class Config:
     timeout: float = READ_TIMEOUT_S
     wait_lock: bool = False
     notes: tuple[str, ...] = ()  # told once on stderr before the run, e.g. an ac_ name rewritten
+    collections: tuple[Collection, ...] = ()  # from --library: each run in turn
 
     @property
     def download_interval_s(self) -> float:
@@ -1115,12 +1116,15 @@ class Plan:
             lines.append("")
         lines.append(f"at --daily-cap {self.daily_cap} ({self.downloads_used} used in the last 24 hours) "
                      f"that takes {self.runs} run{'s' if self.runs != 1 else ''}, one a day")
-        if self.not_found:
-            lines.append("not found on Freesound: " + ", ".join(map(str, self.not_found)))
+        return "\n".join(lines + self.notes())
+
+    def notes(self) -> list[str]:
+        """What was not selected, and why."""
+        lines = ["not found on Freesound: " + ", ".join(map(str, self.not_found))] if self.not_found else []
         lines += changed_lines(self.changed)
         if self.excluded:
             lines.append(f"left out: {self.excluded} sound{'s' if self.excluded != 1 else ''} in excluded_ids.txt")
-        return "\n".join(lines)
+        return lines
 
 
 def changed_lines(changed: dict[int, str]) -> list[str]:
@@ -1219,6 +1223,51 @@ class RunReport:
                 "not_found": self.missing, "window": as_json(self.window),
                 "changed": [{"id": sound_id, "since": since} for sound_id, since in sorted(self.changed.items())],
                 "stopped": str(self.stopped) if self.stopped else None, "exit_code": int(self.exit_code)}
+
+
+@dataclasses.dataclass(frozen=True)
+class LibraryPlan:
+    """--dry-run of a --library file: each collection's plan, and the days all of it needs."""
+
+    plans: dict[str, Plan]
+    daily_cap: int
+    downloads_used: int
+    runs: int
+
+    def text(self) -> str:
+        lines = ["| collection | selected | present | new | size |", "|---|---:|---:|---:|---:|"]
+        lines += [f"| {name} | {p.selected} | {p.present} | {p.new} | {format_size(p.new_bytes)} |"
+                  for name, p in self.plans.items()]
+        total = list(self.plans.values())
+        lines.append(f"| all | {sum(p.selected for p in total)} | {sum(p.present for p in total)} | "
+                     f"{sum(p.new for p in total)} | {format_size(sum(p.new_bytes for p in total))} |")
+        lines.append(f"\nat --daily-cap {self.daily_cap} ({self.downloads_used} used in the last 24 hours) the "
+                     f"whole library takes {self.runs} run{'s' if self.runs != 1 else ''}, one a day")
+        lines += [f"{name}: {note}" for name, p in self.plans.items() for note in p.notes()]
+        return "\n".join(lines)
+
+
+@dataclasses.dataclass
+class LibraryReport:
+    """A --library run: each collection's report, and those a daily limit kept from starting."""
+
+    reports: dict[str, RunReport] = dataclasses.field(default_factory=dict)
+    not_started: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def exit_code(self) -> ExitCode:
+        codes = {report.exit_code for report in self.reports.values()}
+        return max(codes & {ExitCode.DAILY_LIMIT, ExitCode.SOME_FAILED}, default=ExitCode.SUCCESS)
+
+    def text(self) -> str:
+        lines = [f"collection {name}: " + report.text().replace("\n", "\n  ") for name, report in self.reports.items()]
+        if self.not_started:
+            lines.append("not started (daily limit): " + ", ".join(self.not_started))
+        return "\n".join(lines)
+
+    def as_json(self) -> dict:
+        return {"collections": {name: report.as_json() for name, report in self.reports.items()},
+                "not_started": self.not_started, "exit_code": int(self.exit_code)}
 
 
 def as_json(report: object) -> object:
@@ -1349,7 +1398,7 @@ def metadata_entry(sound: dict, file_name: str, downloaded_at: str) -> dict:
     return entry
 
 
-def fold_metadata(existing: Iterable[tuple[dict, str]], updates: dict[int, dict], removed: Collection[int],
+def fold_metadata(existing: Iterable[tuple[dict, str]], updates: dict[int, dict], removed: Container[int],
                   credits: list[dict]) -> Iterator[str]:
     """metadata.json's lines, sorted by id, after merging `updates` over the recorded entries
     (keys the user added are kept) and dropping `removed`; each kept entry's credit is
@@ -2998,12 +3047,17 @@ def bookmark_categories_text(api: Api) -> str:
     return "\n".join(f"{c['id']:>8}  {c['name']} ({c['num_sounds']} sounds)" for c in rows)
 
 
-def plan_library(config: Config, conn: Connection, ui: Ui) -> Plan:
-    """--dry-run: select and count; download nothing. A login is not a download, so a
-    --auth-code (single-use, 10 minutes) is exchanged rather than lost."""
+def exchange_auth_code(config: Config, conn: Connection, ui: Ui) -> None:
+    """A login is not a download, so a dry run exchanges an --auth-code (single-use, 10
+    minutes) rather than lose it."""
     if config.auth_code:
         conn.auth.login()
         ui.info(f"exchanged --auth-code: logged in, token saved in {conn.auth.store.path}")
+
+
+def plan_library(config: Config, conn: Connection, ui: Ui) -> Plan:
+    """--dry-run: select and count; download nothing."""
+    exchange_auth_code(config, conn, ui)
     library = Library(config.output_dir, sidecars=config.sidecars).load()  # reads only: no lock needed
     selection = select(config, conn.api, library)
     return plan(selection, config.daily_cap, conn.limits.window().downloads_used)
@@ -3042,6 +3096,37 @@ def exclude_from_library(config: Config, ui: Ui) -> ExitCode:
             f"(listed in {library.excluded_path}); removed {len(removed)} file{'s' if len(removed) != 1 else ''}"
             + (": " + ", ".join(removed) if removed else ""))
     return ExitCode.SUCCESS
+
+
+def plan_collections(config: Config, conn: Connection, ui: Ui) -> LibraryPlan:
+    """--dry-run of a --library file: every collection planned, in one daily window."""
+    exchange_auth_code(config, conn, ui)  # once, not per collection: a code works once
+    plans = {c.name: plan_library(dataclasses.replace(c.config, auth_code=None), conn, ui)
+             for c in config.collections}
+    used = conn.limits.window().downloads_used
+    return LibraryPlan(plans, config.daily_cap, used,
+                       runs_needed(sum(p.new for p in plans.values()), config.daily_cap, used))
+
+
+def download_collections(config: Config, conn: Connection, ui: Ui) -> LibraryReport:
+    """A --library file's collections in file order, under one lock and one daily window;
+    a daily limit stops the run, leaving the later collections for the next one."""
+    config.output_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(config.output_dir / ".freesound-library.lock")
+    if not lock.acquire(wait=config.wait_lock):
+        raise UsageError(f"another run is working through a library in {config.output_dir}; "
+                         "let it finish, or pass --wait-lock to wait for it")
+    report = LibraryReport()
+    try:
+        for collection in config.collections:
+            if report.exit_code == ExitCode.DAILY_LIMIT:
+                report.not_started.append(collection.name)
+                continue
+            ui.info(f"collection {collection.name}: into {collection.config.output_dir}")
+            report.reports[collection.name] = download_library(collection.config, conn, ui)
+    finally:
+        lock.release()
+    return report
 
 
 def audit_library(config: Config, conn: Connection, ui: Ui) -> AuditReport:
@@ -3284,8 +3369,12 @@ def status_report(config: Config, ui: Ui) -> Status:
 
 
 class _Parser(argparse.ArgumentParser):
+    raise_errors = False  # for flags that come from a --library file: the caller names the place
+
     def error(self, message: str) -> NoReturn:
         """One line, like every other error here (argparse would print the whole usage too)."""
+        if self.raise_errors:
+            raise UsageError(message)
         self.exit(ExitCode.USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
@@ -3306,6 +3395,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="your bookmarks in this category (id or name); without one, list the categories")
     source.add_argument("--similar-to", metavar="ID_OR_URL",
                         help="sounds that sound like this one (closest first; --filter and the helpers apply)")
+    source.add_argument("--library", metavar="FILE.toml",
+                        help="the named collections of a library file, in order, each in <output>/<name>/")
     _add_selection_flags(parser)
     _add_pacing_flags(parser)
     _add_login_flags(parser)
@@ -3515,7 +3606,7 @@ SEARCH_SOURCES = ("query", "similar_to")  # where --filter and the helpers apply
 
 
 def given_sources(args: argparse.Namespace) -> list[str]:
-    return [name for name in (*SEARCH_SOURCES, "ids", "ids_file", "pack", "user", "bookmarks")
+    return [name for name in (*SEARCH_SOURCES, "ids", "ids_file", "pack", "user", "bookmarks", "library")
             if getattr(args, name) is not None]
 
 
@@ -3548,7 +3639,7 @@ def action_from_args(args: argparse.Namespace) -> Action:
         return Action.STATUS
     if not sources:
         raise UsageError("give exactly one source: --query TEXT, --ids-file PATH, --ids ID ..., "
-                         "--pack ID, --user NAME, --bookmarks [CATEGORY] or --similar-to ID")
+                         "--pack ID, --user NAME, --bookmarks [CATEGORY], --similar-to ID or --library FILE")
     return Action.DRY_RUN if args.dry_run else Action.DOWNLOAD
 
 
@@ -3567,25 +3658,15 @@ def check_numbers(args: argparse.Namespace) -> None:
 def config_from_args(args: argparse.Namespace, environ: dict, stdin=sys.stdin) -> Config:
     """Validate the parsed flags and environment into a Config; raise UsageError on bad input."""
     action = action_from_args(args)
-    compiled, notes = filter_from_args(args)
-    if compiled is not None and set(given_sources(args)) - set(SEARCH_SOURCES):
-        raise UsageError("--filter and the filter helpers apply to --query and --similar-to only "
-                         '(use --query "" --filter ... to filter all sounds)')
-    sort, sort_notes = sort_option(args.sort) if args.sort is not None else (None, [])
-    if args.similarity_space and args.similar_to is None:
-        raise UsageError("--similarity-space goes with --similar-to")
+    selection = selection_fields(args, stdin)
     check_numbers(args)
     state_dir_text = args.state_dir or environ.get(ENV_STATE_DIR)
     state_dir = Path(state_dir_text) if state_dir_text else default_state_dir(sys.platform, environ, Path.home())
     # Flags and the environment win; else what --login stored. --login itself stores what it used.
     stored = {} if action in (Action.LOGIN, Action.LOGOUT) else load_credentials(state_dir)
-    ids, pins = read_ids(args, stdin)
-    return Config(
-        action=action, query=args.query, ids=ids, pins=pins, accept_changed=args.accept_changed,
+    config = Config(
+        action=action, **selection, accept_changed=args.accept_changed,
         exclude=tuple(parse_id_lines(args.exclude, "--exclude")) if args.exclude else (), repair=args.repair,
-        pack=args.pack, user=args.user,
-        bookmark_category=args.bookmarks or None, similar_to=similar_to_id(args.similar_to),
-        similarity_space=args.similarity_space, filter=compiled, sort=sort, max=args.max,
         output_dir=Path(args.output_dir), rate=args.rate, daily_cap=args.daily_cap,
         api_rate=args.api_rate, api_daily_cap=args.api_daily_cap, wait=args.wait, json=args.json,
         sidecars=args.sidecars, previews=args.previews, auth_code=args.auth_code,
@@ -3595,7 +3676,100 @@ def config_from_args(args: argparse.Namespace, environ: dict, stdin=sys.stdin) -
         api_base=check_api_base(environ.get(ENV_API_URL) or DEFAULT_API_BASE),
         state_dir=state_dir,
         jobs=args.jobs, retries=args.retries, backoff=args.backoff, timeout=args.timeout,
-        wait_lock=args.wait_lock, notes=tuple(dict.fromkeys(notes + sort_notes)))
+        wait_lock=args.wait_lock)
+    if args.library is None:
+        return config
+    return dataclasses.replace(config, collections=tuple(read_collections(Path(args.library), config, stdin)))
+
+
+def selection_fields(args: argparse.Namespace, stdin) -> dict[str, Any]:
+    """The Config fields that say which sounds: the source, its filter and sort, --max."""
+    compiled, notes = filter_from_args(args)
+    if compiled is not None and set(given_sources(args)) - set(SEARCH_SOURCES):
+        raise UsageError("--filter and the filter helpers apply to --query and --similar-to only "
+                         '(use --query "" --filter ... to filter all sounds)')
+    sort, sort_notes = sort_option(args.sort) if args.sort is not None else (None, [])
+    if args.similarity_space and args.similar_to is None:
+        raise UsageError("--similarity-space goes with --similar-to")
+    ids, pins = read_ids(args, stdin)
+    return dict(query=args.query, ids=ids, pins=pins, pack=args.pack, user=args.user,
+                bookmark_category=args.bookmarks or None, similar_to=similar_to_id(args.similar_to),
+                similarity_space=args.similarity_space, filter=compiled, sort=sort, max=args.max,
+                notes=tuple(dict.fromkeys(notes + sort_notes)))
+
+
+COLLECTION_SOURCES = ("query", "ids_file", "pack", "user", "similar_to")
+COLLECTION_KEYS = frozenset({
+    "name", "output_dir", "max", "sort", "filter", *COLLECTION_SOURCES, "license", "min_duration", "max_duration",
+    "type", "samplerate", "bitdepth", "channels", "tag", "bpm", "loop", "single_event", "note", "tonality",
+    "descriptor", "category", "subcategory", "gen_ai_use", "similarity_space"})
+
+
+@dataclasses.dataclass(frozen=True)
+class Collection:
+    """One [[collection]] of a --library file: its name and the Config its run uses."""
+
+    name: str
+    config: Config
+
+
+def read_collections(path: Path, base: Config, stdin) -> list[Collection]:
+    """A --library file's collections, each checked as its flags would be; a mistake is exit 2
+    naming the file, the collection and the key."""
+    import tomllib
+
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise UsageError(f"cannot read --library {path}: {exc}") from None
+    tables = data.get("collection")
+    if set(data) - {"collection"} or not isinstance(tables, list) or not tables:
+        raise UsageError(f"{path}: expected [[collection]] tables and nothing else")
+    collections: list[Collection] = []
+    for number, table in enumerate(tables, start=1):
+        name = table.get("name")
+        where = f"{path}, collection {name!r}" if isinstance(name, str) else f"{path}, collection {number}"
+        if not isinstance(name, str) or not re.fullmatch(r"[\w][\w .-]*", name):
+            raise UsageError(f"{where}: needs a name (letters, digits, spaces, '.', '-', '_')")
+        if name in (c.name for c in collections):
+            raise UsageError(f"{where}: a second collection with this name")
+        try:
+            config = collection_config(table, path.parent, base, stdin)
+        except UsageError as exc:
+            raise UsageError(f"{where}: {exc}") from None
+        collections.append(Collection(name, config))
+    return collections
+
+
+def collection_config(table: dict, folder: Path, base: Config, stdin) -> Config:
+    """One collection's Config: its keys read as the flags of the same names (so every check
+    and helper applies), paths relative to the library file's folder."""
+    unknown = sorted(set(table) - COLLECTION_KEYS)
+    if unknown:
+        raise UsageError(f"unknown key {unknown[0]!r}")
+    sources = [key for key in COLLECTION_SOURCES if key in table]
+    if len(sources) != 1:
+        raise UsageError(f"needs exactly one source key ({', '.join(COLLECTION_SOURCES)}), has "
+                         + (", ".join(sources) if sources else "none"))
+    argv: list[str] = []
+    for key, value in table.items():
+        if key in ("name", "output_dir"):
+            continue
+        if key == "ids_file":
+            value = str(folder / str(value))
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            argv += [flag] if value else []
+        else:
+            argv += [f"{flag}={item}" for item in (value if isinstance(value, list) else [value])]
+    parser = build_parser()
+    parser.raise_errors = True  # type: ignore[attr-defined]  # build_parser makes a _Parser
+    args = parser.parse_args(argv)
+    _positive("max", args.max, allow_none=True)
+    fields = selection_fields(args, stdin)
+    output = folder / str(table["output_dir"]) if "output_dir" in table else base.output_dir / str(table["name"])
+    return dataclasses.replace(base, **{**fields, "max": fields["max"] or base.max,
+                                        "sort": fields["sort"] or base.sort}, output_dir=output)
 
 
 def similar_to_id(text: str | None) -> int | None:
@@ -3619,7 +3793,7 @@ def program(config: Config, ui: Ui, stdin) -> ExitCode:
             ui.prompt("\n")  # a piped answer is not echoed: end the prompt line ourselves
         return line
 
-    for note in config.notes:
+    for note in dict.fromkeys([*config.notes, *(note for c in config.collections for note in c.config.notes)]):
         ui.info(note)
     if config.rate > config.api_rate:
         ui.info(f"note: --rate {config.rate:g} is above --api-rate {config.api_rate:g}; "
@@ -3637,26 +3811,31 @@ def program(config: Config, ui: Ui, stdin) -> ExitCode:
         return ExitCode.SUCCESS
     conn = connect(config, ui, read_line)
     if config.action is Action.LOGIN:
-        conn.auth.login()
-        saved = save_credentials(config.state_dir, config.client_id or "", config.client_secret or "")
-        ui.info(f"logged in; token saved in {conn.auth.store.path}, client id and secret in {saved}: "
-                "later runs (cron, systemd) need no credentials in their environment")
-        return ExitCode.SUCCESS
+        return log_in(config, conn, ui)
     if config.action is Action.LIST_BOOKMARKS:
         print(bookmark_categories_text(conn.api))
         return ExitCode.SUCCESS
     if config.action is Action.DRY_RUN:
-        return show(plan_library(config, conn, ui), config)
+        return show(plan_collections(config, conn, ui) if config.collections else plan_library(config, conn, ui),
+                    config)
     if config.action is Action.AUDIT:
         return show(audit_library(config, conn, ui), config)
-    report = download_library(config, conn, ui)
+    report = download_collections(config, conn, ui) if config.collections else download_library(config, conn, ui)
     (ui.info if report.exit_code == ExitCode.SUCCESS else ui.warn)(report.text())
     if config.json:
         print(json.dumps(as_json(report), sort_keys=True))
     return report.exit_code
 
 
-def show(report: Plan | Status | AuditReport, config: Config) -> ExitCode:
+def log_in(config: Config, conn: Connection, ui: Ui) -> ExitCode:
+    conn.auth.login()
+    saved = save_credentials(config.state_dir, config.client_id or "", config.client_secret or "")
+    ui.info(f"logged in; token saved in {conn.auth.store.path}, client id and secret in {saved}: "
+            "later runs (cron, systemd) need no credentials in their environment")
+    return ExitCode.SUCCESS
+
+
+def show(report: Plan | LibraryPlan | Status | AuditReport, config: Config) -> ExitCode:
     """Print a report on stdout, as text or as JSON with --json; its exit code (0 for a plan
     or a status, 1 for an audit with findings)."""
     print(json.dumps(as_json(report), sort_keys=True) if config.json else report.text())

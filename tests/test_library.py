@@ -267,3 +267,102 @@ def test_audit_costs_one_request_per_150_sounds(env):
     before = len(env.fake.requests)
     assert env.run("--audit").returncode == 0
     assert len(env.fake.requests) - before == 2
+
+
+# -- a library defined in a file ------------------------------------------------------------------------
+
+LIBRARY_TOML = '''
+[[collection]]
+name = "cc0-wind"
+query = "wind"
+license = ["cc0"]
+
+[[collection]]
+name = "hand-picked"
+ids_file = "picked.txt"   # relative to this file's folder
+
+[[collection]]
+name = "loops"
+query = ""
+filter = "ac_loop:true"
+bpm = "80-100"
+max = 2
+sort = "bpm:90"
+'''
+
+
+def _library_file(tmp_path, text: str = LIBRARY_TOML):
+    folder = tmp_path / "library"
+    folder.mkdir(exist_ok=True)
+    (folder / "picked.txt").write_text("1001  # the good one\nhttps://freesound.org/s/1003/\n")
+    (folder / "library.toml").write_text(text)
+    return folder / "library.toml"
+
+
+def _expected(env) -> dict[str, list[int]]:
+    sounds = env.fake.sounds.values()
+    wind = sorted(s.id for s in sounds if "wind" in s.tags and s.license == "Creative Commons 0")
+    loops = sorted((s for s in sounds if s.descriptors["loopable"] and 80 <= s.descriptors["bpm"] <= 100),
+                   key=lambda s: (abs(s.descriptors["bpm"] - 90), s.id))[:2]
+    return {"cc0-wind": wind, "hand-picked": [1001, 1003], "loops": sorted(s.id for s in loops)}
+
+
+def test_a_library_file_fills_each_collection_in_its_own_folder(env, tmp_path):
+    env.login()
+    result = env.run("--library", str(_library_file(tmp_path)), "--json")
+    assert result.returncode == 0, result.output
+    for name, ids in _expected(env).items():
+        assert ids and [e["id"] for e in json.loads((env.out / name / "metadata.json").read_text())] == ids
+    assert "note: ac_loop is now called loopable" in result.stderr
+    assert set(json.loads(result.stdout)["collections"]) == {"cc0-wind", "hand-picked", "loops"}
+    again = env.run("--library", str(_library_file(tmp_path)))
+    assert again.returncode == 0 and len(env.fake.downloads()) == sum(map(len, _expected(env).values()))
+
+
+def test_a_library_dry_run_has_a_row_per_collection_and_the_days_all_of_it_needs(env, tmp_path):
+    result = env.run("--library", str(_library_file(tmp_path)), "--dry-run", "--daily-cap", "3")
+    assert result.returncode == 0, result.output
+    expected = _expected(env)
+    for name, ids in expected.items():
+        assert f"| {name} | " in result.stdout and f" | {len(ids)} | " in result.stdout
+    total = sum(map(len, expected.values()))
+    assert f"the whole library takes {-(-total // 3)} runs" in result.stdout
+    assert not env.fake.downloads()
+
+
+def test_a_library_run_stops_at_the_daily_cap_and_leaves_the_rest_for_tomorrow(env, tmp_path):
+    env.login()
+    wind = len(_expected(env)["cc0-wind"])
+    result = env.run("--library", str(_library_file(tmp_path)), "--daily-cap", str(wind + 1))
+    assert result.returncode == 4, result.output
+    assert "not started (daily limit): loops" in result.stderr
+    assert len(env.fake.downloads()) == wind + 1
+
+
+def test_failures_in_one_collection_make_the_run_exit_1(env, tmp_path):
+    env.fake.sounds[1003].moderated = False
+    env.login()
+    result = env.run("--library", str(_library_file(tmp_path)))
+    assert result.returncode == 1, result.output
+    assert (env.out / "loops" / "metadata.json").exists()  # the others still ran
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[[collection]]\nname = "a"\nquery = "x"\nlicence = ["cc0"]\n', "collection 'a': unknown key 'licence'"),
+    ('[[collection]]\nname = "a"\n', "collection 'a': needs exactly one source key"),
+    ('[[collection]]\nname = "a"\nquery = "x"\npack = 3\n', "collection 'a': needs exactly one source key"),
+    ('[[collection]]\nname = "a"\nquery = "x"\n[[collection]]\nname = "a"\nuser = "u"\n',
+     "collection 'a': a second collection with this name"),
+    ('[[collection]]\nquery = "x"\n', "collection 1: needs a name"),
+    ('[[collection]]\nname = "a"\npack = 3\nlicense = "cc0"\n', "collection 'a': --filter and the filter helpers"),
+    ('[[collection]]\nname = "a"\nquery = "x"\nlicense = "cc9"\n', "collection 'a': argument --license"),
+    ('[[collection]]\nname = "a"\nquery = "x"\nbpm = "fast"\n', "collection 'a': --bpm"),
+    ('name = "a"\n', "expected [[collection]] tables"),
+    ('[[collection]\n', "cannot read --library"),
+])
+def test_library_file_mistakes_are_exit_2_naming_the_file_collection_and_key(env, run_main, tmp_path, text, message):
+    path = _library_file(tmp_path, text)
+    result = run_main("--library", str(path))
+    assert result.returncode == 2, result.output
+    assert message in result.stderr and str(path) in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not env.fake.requests
