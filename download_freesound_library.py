@@ -59,6 +59,7 @@ import re
 import secrets
 import signal
 import socket
+import stat
 import sys
 import tempfile
 import threading
@@ -1762,11 +1763,11 @@ class Ledger:
     def sync(self) -> None:
         """Read the rows appended since last time (all of them if the file was replaced)."""
         try:
-            stat = self.path.stat()
+            info = self.path.stat()
         except FileNotFoundError:
             return
-        if stat.st_ino != self._inode or stat.st_size < self._offset:
-            self.rows, self._offset, self._inode, self._line = [], 0, stat.st_ino, 0
+        if info.st_ino != self._inode or info.st_size < self._offset:
+            self.rows, self._offset, self._inode, self._line = [], 0, info.st_ino, 0
         with self.path.open("rb") as handle:
             handle.seek(self._offset)
             for raw in handle:
@@ -2860,8 +2861,11 @@ class Library:
         file, size, _ = self.held.get(sound_id, (None, None, None))
         if not file:
             return False
-        path = self.folder / Path(str(file)).name
-        return path.is_file() and (size is None or path.stat().st_size == size)
+        try:  # one stat, no Path objects: a run with nothing new asks this of every sound
+            found = os.stat(os.path.join(self.folder, os.path.basename(str(file))))
+        except OSError:
+            return False
+        return stat.S_ISREG(found.st_mode) and (size is None or found.st_size == size)
 
     def adoptable(self, sound: dict, dest: Path) -> bool:
         """A finished file whose metadata was not written (a crash in between): keep it."""
