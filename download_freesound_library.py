@@ -22,10 +22,13 @@ Examples:
     download_freesound_library.py --ids-file my_ids.txt --max 100
     download_freesound_library.py -q drums --bpm 118-122 --loop --license cc0
     download_freesound_library.py --similar-to https://freesound.org/s/1234/ --gen-ai-use open-source
+    download_freesound_library.py --library library.toml --dry-run
+    download_freesound_library.py --audit --repair
 
 Exit codes:
     0    everything selected is present (or --max reached, or --dry-run / --login done)
-    1    some sounds failed or do not exist (the rest were downloaded)
+    1    some sounds failed, do not exist, or changed since a pinned metadata.json
+         (the rest were downloaded); --audit: findings
     2    usage or input error (bad flag, bad ID line, unreadable metadata.json, ...)
     3    authentication or credential problem
     4    stopped at a daily limit with sounds left: re-run after the time shown
