@@ -635,8 +635,8 @@ def descriptor_clause(descriptor: Descriptor, value: str, what: str) -> str:
         return f"{name}:{quote_filter_value(TEXT_CHECKS.get(name, _any_text)(value, what))}"
     low, high = number_range(value, what)
     _check_bounds(descriptor, (low, high), what)
-    if low == high:
-        return f"{name}:{_number(low)}"  # type: ignore[arg-type]  # equal, so neither is None
+    if low is not None and low == high:
+        return f"{name}:{_number(low)}"
     return f"{name}:[{'*' if low is None else _number(low)} TO {'*' if high is None else _number(high)}]"
 
 
@@ -658,21 +658,25 @@ def _any_text(value: str, what: str) -> str:
 def canonical_note(value: str, what: str = "--note") -> str:
     """`a4`, `Bb3`, `C#-1` -> Freesound's spelling: one of the 12 sharps-only names and an octave."""
     match = re.fullmatch(r"([A-Ga-g])([#b]?)(-?\d)", value.strip())
-    note = match.group(1).upper() + match.group(2) if match else ""
-    note = _FLATS.get(note, note)
-    if note not in NOTE_NAMES:
+    note = _sharp(match.group(1), match.group(2)) if match else ""
+    if not match or note not in NOTE_NAMES:
         raise UsageError(f"{what}: {value!r} is not a note name like A4, C#3 or Bb2 (octaves -1 to 9)")
-    return note + match.group(3)  # type: ignore[union-attr]  # a note name implies a match
+    return note + match.group(3)
 
 
 def canonical_key(value: str, what: str = "--tonality") -> str:
     """`c minor`, `Bb major` -> `C minor`, `A# major`: Freesound's key names."""
     match = re.fullmatch(r"([A-Ga-g])([#b]?)\s+(major|minor)", value.strip(), re.IGNORECASE)
-    root = match.group(1).upper() + match.group(2) if match else ""
-    root = _FLATS.get(root, root)
-    if root not in NOTE_NAMES:
+    root = _sharp(match.group(1), match.group(2)) if match else ""
+    if not match or root not in NOTE_NAMES:
         raise UsageError(f"{what}: {value!r} is not a key like \"C minor\" or \"F# major\"")
-    return f"{root} {match.group(3).lower()}"  # type: ignore[union-attr]
+    return f"{root} {match.group(3).lower()}"
+
+
+def _sharp(letter: str, accidental: str) -> str:
+    """A note letter and accidental as Freesound spells it: Bb -> A#."""
+    note = letter.upper() + accidental
+    return _FLATS.get(note, note)
 
 
 def _taxonomy_key(name: str) -> str:
@@ -1611,6 +1615,17 @@ def write_text_atomic(path: Path, chunks: Iterable[str | bytes], mode: int = 0o6
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def open_for_lines(path: Path) -> BinaryIO:
+    """A file of lines, for appending; a line torn by a kill -9 is ended first, so that the
+    next line stays a line of its own."""
+    handle = path.open("ab+")
+    if handle.seek(0, os.SEEK_END):
+        handle.seek(-1, os.SEEK_END)
+        if handle.read(1) != b"\n":
+            handle.write(b"\n")
+    return handle
 
 
 def write_json_atomic(path: Path, obj: object, mode: int = 0o644) -> None:
@@ -2884,7 +2899,7 @@ class Library:
         sound_id = entry["id"]
         with self._write_lock:
             if self._journal is None:
-                self._journal = self.journal_path.open("ab")
+                self._journal = open_for_lines(self.journal_path)
             self._journal.write(json.dumps(entry, ensure_ascii=False, sort_keys=True).encode("utf-8") + b"\n")
             self._journal.flush()
             os.fsync(self._journal.fileno())

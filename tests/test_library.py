@@ -65,6 +65,15 @@ def test_after_kill_9_the_journal_keeps_every_record_and_the_next_run_folds_it(e
     assert [e["id"] for e in _assert_whole(env)] == list(map(int, IDS))
 
 
+def test_a_record_after_a_torn_journal_line_stays_a_line_of_its_own(tmp_path):
+    journal = tmp_path / "journal.jsonl"
+    journal.write_bytes(b'{"id": 1}\n{"id": 2, "na')  # killed mid-append
+    with dl.open_for_lines(journal) as handle:
+        handle.write(b'{"id": 3}\n')
+    with journal.open("rb") as lines:
+        assert sorted(dl.journal_updates(lines)) == [1, 3]
+
+
 def test_the_journal_is_folded_at_least_every_thirty_seconds(tmp_path, monkeypatch):
     library = dl.Library(tmp_path)
     clock = [1000.0]
