@@ -1069,11 +1069,14 @@ def window_of(download_times: Sequence[float], request_times: Sequence[float], n
                   next_download_slot=iso_utc(frees) if frees > now else "now")
 
 
-def pack_zip_fits(new: int, selected: int, todo: int, window: Window) -> bool:
-    """Whether a pack comes as one zip: only when all of it is wanted (every sound new, none
-    left for later by --max) and both daily windows have room for it; else sound by sound."""
-    return (2 <= new == selected == todo and new <= window.downloads_left
-            and window.requests_used < window.api_daily_cap)
+def whole_pack(config: Config, selection: Selection, todo: int, window: Window) -> int | None:
+    """The --pack to fetch as one zip of originals, if any: only when all of it is wanted
+    (every sound new, none excluded, none left for later by --max) and both daily windows
+    have room for it; else None, and it goes sound by sound."""
+    new = len(selection.new)
+    fits = (not config.previews and not selection.excluded and 2 <= new == selection.selected == todo
+            and new <= window.downloads_left and window.requests_used < window.api_daily_cap)
+    return config.pack if fits else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1617,15 +1620,14 @@ def write_text_atomic(path: Path, chunks: Iterable[str | bytes], mode: int = 0o6
         raise
 
 
-def open_for_lines(path: Path) -> BinaryIO:
-    """A file of lines, for appending; a line torn by a kill -9 is ended first, so that the
-    next line stays a line of its own."""
-    handle = path.open("ab+")
-    if handle.seek(0, os.SEEK_END):
-        handle.seek(-1, os.SEEK_END)
-        if handle.read(1) != b"\n":
-            handle.write(b"\n")
-    return handle
+def end_torn_line(path: Path) -> None:
+    """End a last line torn by a kill -9 mid-append, so that the next line appended to a
+    file of lines (the ledger, the metadata journal) stays a line of its own."""
+    if path.exists() and path.stat().st_size:
+        with path.open("rb+") as handle:
+            handle.seek(-1, os.SEEK_END)
+            if handle.read(1) != b"\n":
+                handle.write(b"\n")
 
 
 def write_json_atomic(path: Path, obj: object, mode: int = 0o644) -> None:
@@ -1763,20 +1765,13 @@ class Ledger:
         self._offset, self._line = 0, 0
         self._inode: int | None = None
         with self.locked():
-            self._terminate_torn_line()
+            end_torn_line(self.path)
             self.sync()
             if self._line > LEDGER_COMPACT_ROWS:
                 self._compact()
 
     def locked(self) -> contextlib.AbstractContextManager:
         return self.lock.held()
-
-    def _terminate_torn_line(self) -> None:
-        if self.path.exists() and self.path.stat().st_size:
-            with self.path.open("rb+") as handle:
-                handle.seek(-1, os.SEEK_END)
-                if handle.read(1) != b"\n":
-                    handle.write(b"\n")
 
     def sync(self) -> None:
         """Read the rows appended since last time (all of them if the file was replaced)."""
@@ -2424,21 +2419,27 @@ class Api:
             except NotFound:  # a page past the last one: the end
                 return
 
-    def sounds_by_id(self, sound_ids: Sequence[int]) -> tuple[list[dict], list[int]]:
-        """Metadata in batches of 150 (one search each); returns (sounds, ids that do not exist)."""
+    def sounds_by_id(self, sound_ids: Sequence[int], look_up_missing: bool = True) -> tuple[list[dict], list[int]]:
+        """Metadata in batches of 150 (one search each); returns (sounds, ids that do not exist).
+        A sound the search does not know is looked up alone, unless not `look_up_missing`."""
         found: dict[int, dict] = {}
         for batch in batched(sound_ids, PAGE_SIZE):
             for sound in self.search("", id_filter(batch), None):
                 found[int(sound["id"])] = sound
-        missing = []
-        for sound_id in (i for i in sound_ids if i not in found):
-            try:
-                url = f"{self.config.api_base}/sounds/{sound_id}/"
-                found[sound_id] = self._call(
-                    functools.partial(self.client.get_sound, sound_id, fields=self.fields), url).as_dict()
-            except NotFound:
-                missing.append(sound_id)
+        missing = [i for i in sound_ids if i not in found]
+        if look_up_missing:
+            missing = [i for i in missing if not self._look_up(i, found)]
         return [found[i] for i in sound_ids if i in found], missing
+
+    def _look_up(self, sound_id: int, found: dict[int, dict]) -> bool:
+        """One sound's metadata into `found`; False if it does not exist."""
+        url = f"{self.config.api_base}/sounds/{sound_id}/"
+        try:
+            found[sound_id] = self._call(
+                functools.partial(self.client.get_sound, sound_id, fields=self.fields), url).as_dict()
+        except NotFound:
+            return False
+        return True
 
     def open_download(self, sound: dict, offset: int, preview: str | None = None) -> requests.Response:
         sound_id = int(sound["id"])
@@ -2887,10 +2888,7 @@ class Library:
 
     def adoptable(self, sound: dict, dest: Path) -> bool:
         """A finished file whose metadata was not written (a crash in between): keep it."""
-        size = sound.get("filesize")
-        if not dest.is_file() or (size is not None and dest.stat().st_size != size):
-            return False
-        return not sound.get("md5") or hash_file(dest).hexdigest() == sound["md5"].lower()
+        return local_state(dest.parent, {**sound, "file": dest.name}) is None
 
     def record(self, sound: dict, file_name: str, now: float) -> None:
         """Record one sound: its entry is appended to the journal and fsynced (about the
@@ -2899,7 +2897,8 @@ class Library:
         sound_id = entry["id"]
         with self._write_lock:
             if self._journal is None:
-                self._journal = open_for_lines(self.journal_path)
+                end_torn_line(self.journal_path)
+                self._journal = self.journal_path.open("ab")
             self._journal.write(json.dumps(entry, ensure_ascii=False, sort_keys=True).encode("utf-8") + b"\n")
             self._journal.flush()
             os.fsync(self._journal.fileno())
@@ -3100,9 +3099,8 @@ def download_library(config: Config, conn: Connection, ui: Ui) -> RunReport:
             if not config.previews:  # log in now, before the first download is paced
                 conn.auth.access_token()
             downloader = Downloader(config, conn, library, ui, report)
-            if (config.pack is not None and not config.previews and not selection.excluded
-                    and pack_zip_fits(len(selection.new), selection.selected, len(todo), conn.limits.window())):
-                todo = downloader.download_pack(config.pack, todo)
+            if (pack := whole_pack(config, selection, len(todo), conn.limits.window())) is not None:
+                todo = downloader.download_pack(pack, todo)
             if todo:
                 downloader.run(todo)
         report.window = conn.limits.window()
@@ -3160,7 +3158,8 @@ def audit_library(config: Config, conn: Connection, ui: Ui) -> AuditReport:
     report, updates, to_repair = AuditReport(), {}, []
     with library.locked(config.wait_lock, ui):
         for batch in batched((entry for entry, _ in iter_metadata(library.metadata_path)), PAGE_SIZE):
-            today = {int(s["id"]): s for s in conn.api.search("", id_filter([int(e["id"]) for e in batch]), None)}
+            found, _ = conn.api.sounds_by_id([int(e["id"]) for e in batch], look_up_missing=False)  # 1 request
+            today = {int(sound["id"]): sound for sound in found}
             for entry in batch:
                 sound_id, local = int(entry["id"]), local_state(library.folder, entry)
                 findings, current = audit_sound(entry, today.get(sound_id), local)

@@ -68,7 +68,8 @@ def test_after_kill_9_the_journal_keeps_every_record_and_the_next_run_folds_it(e
 def test_a_record_after_a_torn_journal_line_stays_a_line_of_its_own(tmp_path):
     journal = tmp_path / "journal.jsonl"
     journal.write_bytes(b'{"id": 1}\n{"id": 2, "na')  # killed mid-append
-    with dl.open_for_lines(journal) as handle:
+    dl.end_torn_line(journal)
+    with journal.open("ab") as handle:
         handle.write(b'{"id": 3}\n')
     with journal.open("rb") as lines:
         assert sorted(dl.journal_updates(lines)) == [1, 3]
