@@ -3175,8 +3175,9 @@ def audit_library(config: Config, conn: Connection, ui: Ui) -> AuditReport:
             library.check_variant(config.previews)
             conn.auth.access_token()
             Downloader(config, conn, library, ui, RunReport()).run(to_repair)
-            report.repaired = [int(sound["id"]) for sound in to_repair if library.has(int(sound["id"]))
-                               and local_state(library.folder, library.pending.get(int(sound["id"]), sound)) is None]
+            # A repaired sound has a new entry in the journal, and its file checks out against it.
+            report.repaired = [int(sound["id"]) for sound in to_repair
+                               if local_state(library.folder, library.pending.get(int(sound["id"]), sound)) is None]
     return report
 
 
